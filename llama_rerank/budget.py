@@ -1,0 +1,80 @@
+"""Token budgeting: cutting passages to ``max_passage_tokens`` and packing windows that fit the context window."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+from llama_rerank.types import Candidate
+
+logger = logging.getLogger(__name__)
+
+Encode = Callable[[str], Sequence[Any]]
+TRUNCATION_MARKER = " [...truncated]"
+SAFETY_MARGIN = 32  # tokens kept free for chat formatting the count cannot see
+
+
+def resolve_encoder(llm: Any) -> Encode:
+    """The LLM's own tokenizer where LlamaIndex exposes one, else tiktoken cl100k (bundled, works offline)."""
+    try:
+        tokenizer = llm._tokenizer  # OpenAI: tiktoken for the model; may need a download, so failures fall through
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available"
+        logger.debug("LLM tokenizer unavailable (%s); using cl100k_base", exc)
+        tokenizer = None
+    if tokenizer is not None and callable(getattr(tokenizer, "encode", None)):
+        return tokenizer.encode
+    from llama_index.core.utils import get_tokenizer
+
+    return get_tokenizer()
+
+
+def truncate(text: str, max_tokens: int, encode: Encode) -> tuple[str, int]:
+    """Cut ``text`` to at most ``max_tokens`` tokens at a word boundary, marking the cut; returns (text, tokens)."""
+    count = len(encode(text))
+    if count <= max_tokens:
+        return text, count
+    cut = len(text) * max_tokens // count
+    while cut > 0:
+        head = text[:cut]
+        if " " in head:
+            head = head[: head.rindex(" ")]
+        candidate = head.rstrip() + TRUNCATION_MARKER
+        count = len(encode(candidate))
+        if count <= max_tokens:
+            return candidate, count
+        cut = min(len(head), cut * max_tokens // count) - 1
+    return TRUNCATION_MARKER.strip(), len(encode(TRUNCATION_MARKER.strip()))
+
+
+def answer_tokens(n: int, labels: Sequence[str], encode: Encode) -> int:
+    """Tokens an answer of ``n`` lines ``[i] label`` needs, with room for a short preamble."""
+    longest = max(labels, key=len)
+    return n * len(encode(f"[{n}] {longest}\n")) + 16
+
+
+def pack_windows(
+    candidates: Sequence[Candidate], window_size: int, passage_budget: int, encode: Encode
+) -> list[list[Candidate]]:
+    """Group candidates in retrieval order into windows of at most ``window_size`` whose passages fit the budget.
+
+    ``passage_budget`` is what the context window leaves for passages once the prompt, the query and the answer
+    are counted; a passage longer than that on its own is cut further to fit.
+    """
+    fence = len(encode('<passage id="10">\n\n</passage>\n\n'))
+    windows: list[list[Candidate]] = []
+    current: list[Candidate] = []
+    used = 0
+    for candidate in candidates:
+        cost = candidate.tokens + fence
+        if cost > passage_budget:
+            text, tokens = truncate(candidate.text, passage_budget - fence, encode)
+            candidate = Candidate(candidate.index, text, tokens, candidate.retrieval_score)
+            cost = tokens + fence
+        if current and (len(current) == window_size or used + cost > passage_budget):
+            windows.append(current)
+            current, used = [], 0
+        current.append(candidate)
+        used += cost
+    if current:
+        windows.append(current)
+    return windows

@@ -1,0 +1,159 @@
+"""Runs the windows: prompt -> LLM -> parse -> judgements, with follow-ups and the failure policy.
+
+One window's steps are written once, as a generator that yields prompts and receives replies (or the error that
+ended the call); the sync path drives windows on a thread pool and the async path with ``asyncio`` tasks, both
+bounded by ``max_concurrency``. Windows are independent: labels are absolute, not relative to the window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generator, Sequence
+
+from llama_index.core.prompts import BasePromptTemplate
+
+from llama_rerank.budget import Encode, answer_tokens
+from llama_rerank.errors import RerankLLMError
+from llama_rerank.labels import LabelScale
+from llama_rerank.llm import LLMCaller, LLMReply
+from llama_rerank.parse import parse_labels
+from llama_rerank.prompts import prompt_vars, render
+from llama_rerank.scoring import align_tokens, label_probabilities
+from llama_rerank.types import Candidate, Judgement, RerankUsage
+
+logger = logging.getLogger(__name__)
+
+Prompt = tuple[object, int]  # rendered prompt, answer max_tokens
+WindowSteps = Generator[Prompt, "LLMReply | Exception", None]
+
+
+@dataclass
+class Judge:
+    """Everything a window needs to be judged; built by :class:`LikelihoodRerank` for each run."""
+
+    caller: LLMCaller
+    template: BasePromptTemplate
+    is_chat: bool
+    scale: LabelScale
+    scoring: str
+    followups: int
+    on_error: str
+    max_concurrency: int
+    encode: Encode
+
+    def _steps(
+        self, query: str, window: Sequence[Candidate], out: dict[int, Judgement], usage: RerankUsage
+    ) -> WindowSteps:
+        pending = list(window)
+        for round_ in range(self.followups + 1):
+            variables = prompt_vars(query, [c.text for c in pending], self.scale)
+            result = yield render(self.template, self.is_chat, variables), answer_tokens(
+                len(pending), self.scale.labels, self.encode
+            )
+            if isinstance(result, Exception):
+                self._fail(pending, result, out, usage)
+                return
+            usage.llm_calls += 1
+            usage.followup_calls += round_ > 0
+            usage.prompt_tokens += result.prompt_tokens
+            usage.completion_tokens += result.completion_tokens
+            usage.retries += result.retries
+            pending = self._read(result, pending, out)
+            if not pending:
+                return
+        usage.unparsed += len(pending)
+        logger.warning(
+            "LLM gave no readable label for %d of %d candidates (retrieval ranks %s) after %d follow-up call(s); "
+            "they keep retrieval order with the neutral score %g",
+            len(pending), len(window), [c.index + 1 for c in pending], self.followups, self.scale.neutral,
+        )  # fmt: skip
+        for c in pending:
+            out[c.index] = Judgement(None, self.scale.neutral, "unparsed")
+
+    def _read(self, reply: LLMReply, pending: list[Candidate], out: dict[int, Judgement]) -> list[Candidate]:
+        """Record the labels read from ``reply``; return the candidates still unlabelled."""
+        parsed = parse_labels(reply.text, len(pending), self.scale)
+        aligned = align_tokens(reply.text, reply.logprobs) if self.scoring != "label" and reply.logprobs else None
+        if self.scoring == "logprobs" and aligned is None and parsed.labels:
+            logger.warning("scoring='logprobs' but the LLM's reply carries no usable logprobs; using label values")
+        for i, label in parsed.labels.items():
+            probabilities = label_probabilities(reply.text, aligned, parsed.spans[i][0], self.scale) if aligned else None
+            expected = self.scale.expected_score(probabilities) if probabilities else None
+            if expected is None:
+                out[pending[i - 1].index] = Judgement(label, self.scale.score(label), "label")
+            else:
+                out[pending[i - 1].index] = Judgement(label, expected, "logprobs")
+        return [pending[i - 1] for i in parsed.missing]
+
+    def _fail(self, pending: list[Candidate], error: Exception, out: dict[int, Judgement], usage: RerankUsage) -> None:
+        message = f"{type(error).__name__}: {error}"
+        if self.on_error == "raise":
+            raise RerankLLMError(f"LLM call failed for {len(pending)} candidates after retries: {message}") from error
+        usage.failed_windows += 1
+        usage.errors.append(message)
+        logger.warning(
+            "LLM call failed after retries (%s); %d candidates (retrieval ranks %s) keep retrieval order with the "
+            "neutral score %g",
+            message, len(pending), [c.index + 1 for c in pending], self.scale.neutral,
+        )  # fmt: skip
+        for c in pending:
+            out[c.index] = Judgement(None, self.scale.neutral, "failed")
+
+    def _run_window(self, query: str, window: Sequence[Candidate], out: dict[int, Judgement], usage: RerankUsage) -> None:
+        steps = self._steps(query, window, out, usage)
+        try:
+            prompt, max_tokens = next(steps)
+            while True:
+                try:
+                    reply: LLMReply | Exception = self.caller.call(prompt, max_tokens)
+                except Exception as exc:  # noqa: BLE001 - the policy in _fail decides
+                    reply = exc
+                prompt, max_tokens = steps.send(reply)
+        except StopIteration:
+            pass
+
+    async def _arun_window(
+        self, query: str, window: Sequence[Candidate], out: dict[int, Judgement], usage: RerankUsage, gate: asyncio.Semaphore
+    ) -> None:
+        steps = self._steps(query, window, out, usage)
+        try:
+            prompt, max_tokens = next(steps)
+            while True:
+                try:
+                    async with gate:
+                        reply: LLMReply | Exception = await self.caller.acall(prompt, max_tokens)
+                except Exception as exc:  # noqa: BLE001 - the policy in _fail decides
+                    reply = exc
+                prompt, max_tokens = steps.send(reply)
+        except StopIteration:
+            pass
+
+    def judge(self, query: str, windows: Sequence[Sequence[Candidate]], usage: RerankUsage) -> dict[int, Judgement]:
+        """Judge every candidate, windows in parallel on threads (safe inside a running event loop)."""
+        out: dict[int, Judgement] = {}
+        usages = [RerankUsage() for _ in windows]
+        workers = min(self.max_concurrency, len(windows))
+        if workers <= 1:
+            for window, window_usage in zip(windows, usages):
+                self._run_window(query, window, out, window_usage)
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llama-rerank") as pool:
+                futures = [pool.submit(self._run_window, query, w, out, u) for w, u in zip(windows, usages)]
+                for future in futures:
+                    future.result()
+        for window_usage in usages:
+            usage.add(window_usage)
+        return out
+
+    async def ajudge(self, query: str, windows: Sequence[Sequence[Candidate]], usage: RerankUsage) -> dict[int, Judgement]:
+        """Judge every candidate with concurrent async calls, at most ``max_concurrency`` at a time."""
+        out: dict[int, Judgement] = {}
+        usages = [RerankUsage() for _ in windows]
+        gate = asyncio.Semaphore(self.max_concurrency)
+        await asyncio.gather(*(self._arun_window(query, w, out, u, gate) for w, u in zip(windows, usages)))
+        for window_usage in usages:
+            usage.add(window_usage)
+        return out

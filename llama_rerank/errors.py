@@ -1,0 +1,25 @@
+"""The exceptions llama-rerank raises, in one tree.
+
+    LlamaRerankError            base of everything below; the CLI catches it
+    ├── ScaleError (ValueError) a label scale that cannot work (duplicates, empty names, values outside [0, 1])
+    ├── RerankLLMError          the LLM failed for a window after every retry, and on_error="raise"
+    └── StoreError              a vector store or input folder that cannot be used (ingest, query)
+"""
+
+from __future__ import annotations
+
+
+class LlamaRerankError(Exception):
+    """Base class of every error raised on purpose by llama-rerank."""
+
+
+class ScaleError(LlamaRerankError, ValueError):
+    """A label scale that is malformed; the message says which rule it breaks."""
+
+
+class RerankLLMError(LlamaRerankError):
+    """The LLM failed for a window after all retries and ``on_error="raise"`` was asked for."""
+
+
+class StoreError(LlamaRerankError):
+    """A store location or an input folder that cannot be used; the message says how to fix it."""

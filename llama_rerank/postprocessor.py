@@ -1,0 +1,271 @@
+"""``LikelihoodRerank``: the LlamaIndex node postprocessor users put in ``node_postprocessors=[...]``.
+
+It turns ``NodeWithScore`` into plain candidates (deduplicated, cut to the token budget, packed into windows),
+hands them to the :class:`~llama_rerank.engine.Judge`, and turns the judgements back into scored node copies,
+emitting LlamaIndex's rerank events and callback around the work.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence
+
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.callbacks import CBEventType, EventPayload
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
+from llama_index.core.llms import LLM
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.prompts import BasePromptTemplate
+from llama_index.core.prompts.mixin import PromptDictType
+from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
+from llama_index.core.settings import Settings
+
+from llama_rerank.budget import SAFETY_MARGIN, answer_tokens, pack_windows, resolve_encoder, truncate
+from llama_rerank.engine import Judge
+from llama_rerank.labels import DEFAULT_SCALE, LabelScale, normalise_label
+from llama_rerank.llm import LLMCaller
+from llama_rerank.prompts import DEFAULT_RERANK_PROMPT, prompt_vars, render
+from llama_rerank.scoring import order
+from llama_rerank.types import Candidate, Judgement, RerankUsage
+
+dispatcher = get_dispatcher(__name__)
+
+PROMPT_KEY = "rerank_prompt"
+METADATA_KEYS = ("rerank_label", "rerank_score", "retrieval_score", "retrieval_rank")
+MIN_PASSAGE_BUDGET = 64
+
+
+@dataclass
+class RerankResult:
+    """The reranked nodes (best first, at most ``top_n``) and what producing them cost."""
+
+    nodes: List[NodeWithScore]
+    usage: RerankUsage
+
+
+class LikelihoodRerank(BaseNodePostprocessor):
+    """Listwise LLM reranker: the LLM labels each candidate ``unlikely`` / ``likely`` / ``very likely``.
+
+    Several candidates go in each LLM call (``window_size``); windows run concurrently. Scores come from the
+    label's value, or from the label probabilities when the LLM returns logprobs. A candidate is never dropped
+    because of the LLM: unreadable answers and failed calls leave it in retrieval order with a neutral score.
+
+    >>> engine = index.as_query_engine(similarity_top_k=20,
+    ...                                node_postprocessors=[LikelihoodRerank(llm=llm, top_n=5)])  # doctest: +SKIP
+    """
+
+    llm: LLM = Field(default_factory=lambda: Settings.llm, description="The LLM that judges the candidates.")
+    top_n: int = Field(default=5, ge=1, description="How many nodes to return, best first.")
+    window_size: int = Field(default=10, ge=1, description="Most candidates per LLM call (fewer when the context window is full).")
+    label_scale: Dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_SCALE),
+        description="Label -> score in [0, 1]; at least two distinct labels. Default unlikely=0, likely=0.5, very likely=1.",
+    )
+    scoring: Literal["auto", "label", "logprobs"] = Field(
+        default="auto",
+        description="'logprobs': expected score under the label probabilities; 'label': the label's value; "
+        "'auto': logprobs when the reply carries them and they align with its text, else the label.",
+    )
+    max_concurrency: int = Field(default=4, ge=1, description="Most LLM calls in flight at once.")
+    max_passage_tokens: int = Field(default=256, ge=16, description="Each passage is cut to this many tokens, with a marker.")
+    followup_calls: int = Field(default=1, ge=0, description="Extra calls, each for just the candidates an answer left unlabelled.")
+    max_retries: int = Field(default=2, ge=0, description="Retries (with backoff) of a failed or timed-out LLM call.")
+    timeout: Optional[float] = Field(default=120.0, gt=0, description="Seconds one LLM call may take; None waits forever.")
+    on_error: Literal["fallback", "raise"] = Field(
+        default="fallback",
+        description="After the retries: 'fallback' keeps that window in retrieval order (warning logged); 'raise' raises RerankLLMError.",
+    )
+    min_score: Optional[float] = Field(default=None, ge=0, le=1, description="Opt-in cutoff: drop judged candidates scoring below this.")
+    min_label: Optional[str] = Field(default=None, description="Opt-in cutoff by label: drop judged candidates scoring below its value.")
+    tokenizer: Optional[Callable[[str], Sequence[Any]]] = Field(
+        default=None, exclude=True, description="Token counter for budgets; default: the LLM's own if exposed, else cl100k."
+    )
+
+    _scale: LabelScale = PrivateAttr()
+    _prompt: BasePromptTemplate = PrivateAttr(default=DEFAULT_RERANK_PROMPT)
+    _encode: Callable[[str], Sequence[Any]] = PrivateAttr()
+    _last_usage: Optional[RerankUsage] = PrivateAttr(default=None)
+
+    def model_post_init(self, __context: Any) -> None:
+        self._scale = LabelScale.from_mapping(self.label_scale)
+        if self.min_label is not None and normalise_label(self.min_label) not in self._scale.labels:
+            raise ValueError(f"min_label {self.min_label!r} is not on the label scale {list(self._scale.labels)}")
+        self._encode = self.tokenizer or resolve_encoder(self.llm)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "LikelihoodRerank"
+
+    def __repr__(self) -> str:
+        model = getattr(self.llm.metadata, "model_name", type(self.llm).__name__)
+        return (
+            f"LikelihoodRerank(llm={type(self.llm).__name__}({model!r}), top_n={self.top_n}, "
+            f"window_size={self.window_size}, scale=[{self._scale}], scoring={self.scoring!r}, "
+            f"max_concurrency={self.max_concurrency}, on_error={self.on_error!r})"
+        )
+
+    @property
+    def scale(self) -> LabelScale:
+        """The validated label scale, worst label first."""
+        return self._scale
+
+    @property
+    def last_usage(self) -> Optional[RerankUsage]:
+        """Usage of the most recently finished rerank on this instance (use :meth:`rerank` for per-call usage)."""
+        return self._last_usage
+
+    def _get_prompts(self) -> PromptDictType:
+        return {PROMPT_KEY: self._prompt}
+
+    def _update_prompts(self, prompts: PromptDictType) -> None:
+        if PROMPT_KEY in prompts:
+            self._prompt = prompts[PROMPT_KEY]
+
+    # -- the work -----------------------------------------------------------------------------------------------
+
+    def rerank(self, query: str | QueryBundle, nodes: Sequence[NodeWithScore]) -> RerankResult:
+        """Rerank ``nodes`` for ``query``; returns the nodes and this call's usage."""
+        with self._run(query, nodes) as run:
+            if run.windows:
+                run.judgements.update(run.judge.judge(run.query, run.windows, run.usage))
+        return run.result
+
+    async def arerank(self, query: str | QueryBundle, nodes: Sequence[NodeWithScore]) -> RerankResult:
+        """Async :meth:`rerank`: LLM calls are awaited concurrently, at most ``max_concurrency`` at once."""
+        with self._run(query, nodes) as run:
+            if run.windows:
+                run.judgements.update(await run.judge.ajudge(run.query, run.windows, run.usage))
+        return run.result
+
+    @dispatcher.span
+    def _postprocess_nodes(self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle] = None) -> List[NodeWithScore]:
+        return self.rerank(_require_query(query_bundle), nodes).nodes
+
+    @dispatcher.span
+    async def _apostprocess_nodes(
+        self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle] = None
+    ) -> List[NodeWithScore]:
+        return (await self.arerank(_require_query(query_bundle), nodes)).nodes
+
+    @contextmanager
+    def _run(self, query: str | QueryBundle, nodes: Sequence[NodeWithScore]) -> Iterator["_Run"]:
+        """Prepare a run, emit the rerank events and callback around its judging, and finish it."""
+        run = _Run(self, _require_query(query), nodes)
+        model = self.llm.metadata.model_name
+        dispatcher.event(ReRankStartEvent(query=run.query, nodes=run.nodes, top_n=self.top_n, model_name=model))
+        payload = {EventPayload.NODES: run.nodes, EventPayload.MODEL_NAME: model,
+                   EventPayload.QUERY_STR: run.query, EventPayload.TOP_K: self.top_n}  # fmt: skip
+        with self.callback_manager.event(CBEventType.RERANKING, payload=payload) as event:
+            yield run
+            run.finish()
+            event.on_end(payload={EventPayload.NODES: run.result.nodes})
+        dispatcher.event(ReRankEndEvent(nodes=run.result.nodes))
+
+    def _judge(self) -> Judge:
+        return Judge(
+            caller=LLMCaller(self.llm, self._encode, self.max_retries, self.timeout),
+            template=self._prompt,
+            is_chat=self.llm.metadata.is_chat_model,
+            scale=self._scale,
+            scoring=self.scoring,
+            followups=self.followup_calls,
+            on_error=self.on_error,
+            max_concurrency=self.max_concurrency,
+            encode=self._encode,
+        )
+
+    def _passage_budget(self, query: str) -> int:
+        """Tokens left for passages in one window once the prompt, query and answer are counted."""
+        empty = render(self._prompt, self.llm.metadata.is_chat_model, prompt_vars(query, [], self._scale))
+        fixed = len(self._encode(empty if isinstance(empty, str) else "\n".join(m.content or "" for m in empty)))
+        fixed += 4 * (0 if isinstance(empty, str) else len(empty))
+        budget = self.llm.metadata.context_window - fixed - answer_tokens(self.window_size, self._scale.labels, self._encode)
+        budget -= SAFETY_MARGIN
+        if budget < MIN_PASSAGE_BUDGET:
+            raise ValueError(
+                f"the query and prompt take {fixed} tokens, leaving {budget} of the LLM's context window "
+                f"({self.llm.metadata.context_window}) for passages; shorten the query or use a larger window_size/context"
+            )
+        return budget
+
+    def _cutoff(self) -> Optional[float]:
+        floors = [v for v in (self.min_score, self.min_label and self._scale.score(self.min_label)) if v is not None]
+        return max(floors) if floors else None
+
+
+def _require_query(query: str | QueryBundle | None) -> str:
+    text = query.query_str if isinstance(query, QueryBundle) else query
+    if not text or not text.strip():
+        raise ValueError("LikelihoodRerank needs a query: pass query_str=... or a QueryBundle with a non-empty query_str")
+    return text
+
+
+class _Run:
+    """One rerank's state: candidates prepared from the nodes, judgements, and the ranked result."""
+
+    def __init__(self, owner: LikelihoodRerank, query: str, nodes: Sequence[NodeWithScore]) -> None:
+        self.owner, self.query, self.nodes = owner, query, list(nodes)
+        self.started = time.perf_counter()
+        self.usage = RerankUsage()
+        self.judgements: dict[int, Judgement] = {}
+        self.result = RerankResult([], self.usage)
+        self.unique: list[NodeWithScore] = []
+        self.ranks: list[int] = []
+        seen: set[str] = set()
+        for rank, node in enumerate(self.nodes, start=1):
+            if node.node.node_id not in seen:
+                seen.add(node.node.node_id)
+                self.unique.append(node)
+                self.ranks.append(rank)
+        self.candidates: list[Candidate] = []
+        self.textless: list[int] = []
+        for index, node in enumerate(self.unique):
+            content = node.node.get_content(metadata_mode=MetadataMode.LLM)
+            if content.strip():
+                text, tokens = truncate(content, owner.max_passage_tokens, owner._encode)
+                self.candidates.append(Candidate(index, text, tokens, node.score))
+            else:
+                self.textless.append(index)
+        self.windows = (
+            pack_windows(self.candidates, owner.window_size, owner._passage_budget(query), owner._encode)
+            if self.candidates
+            else []
+        )
+        self.judge = owner._judge()
+
+    def finish(self) -> None:
+        """Order, cut and copy the nodes into ``result``; textless nodes follow the judged ones."""
+        owner = self.owner
+        ranked = order(self.candidates, self.judgements, owner._cutoff())
+        chosen = [(c.index, self.judgements[c.index]) for c in ranked]
+        chosen += [(index, Judgement(None, owner._scale.values[0], "no_text")) for index in self.textless]
+        self.result.nodes = [self._output(index, judgement) for index, judgement in chosen[: owner.top_n]]
+        self.usage.wall_time_s = time.perf_counter() - self.started
+        owner._last_usage = self.usage
+
+    def _output(self, index: int, judgement: Judgement) -> NodeWithScore:
+        """A copy of the input node carrying the rerank metadata; the caller's node is left untouched."""
+        source = self.unique[index]
+        node = source.node
+        metadata = {
+            **node.metadata,
+            "rerank_label": judgement.label,
+            "rerank_score": judgement.score,
+            "retrieval_score": source.score,
+            "retrieval_rank": self.ranks[index],
+        }
+        copy = node.model_copy(
+            update={
+                "metadata": metadata,
+                "excluded_llm_metadata_keys": _with_keys(node.excluded_llm_metadata_keys),
+                "excluded_embed_metadata_keys": _with_keys(node.excluded_embed_metadata_keys),
+            }
+        )
+        return NodeWithScore(node=copy, score=judgement.score)
+
+
+def _with_keys(keys: List[str]) -> List[str]:
+    return [*keys, *(k for k in METADATA_KEYS if k not in keys)]

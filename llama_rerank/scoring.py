@@ -1,0 +1,83 @@
+"""From labels and log-probabilities to scores, and from scores to the final order.
+
+With logprobs, a candidate's score is the expected value of the scale under the label distribution read at the
+token where its label starts (the top alternatives there, renormalised over those that begin a label); without
+them, or when the tokens cannot be aligned with the text, it is the label's value. Order is by score, ties keep
+retrieval order; unjudged candidates (label ``None``) are never cut by ``min_score``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from llama_index.core.base.llms.types import LogProb
+
+from llama_rerank.labels import LabelScale
+from llama_rerank.types import Candidate, Judgement
+
+
+def _token_bytes(logprob: LogProb) -> bytes:
+    return bytes(logprob.bytes) if logprob.bytes else logprob.token.encode("utf-8")
+
+
+def align_tokens(text: str, logprobs: Sequence[Sequence[LogProb]]) -> list[tuple[int, Sequence[LogProb]]] | None:
+    """Byte offset at which each token position starts, or ``None`` if the tokens do not spell out ``text``.
+
+    The sampled token is whichever of the position's alternatives continues the text (the first one at
+    temperature 0); a position with none that does means the logprobs belong to other text.
+    """
+    data = text.encode("utf-8")
+    offset = 0
+    positions = []
+    for alternatives in logprobs:
+        for alternative in alternatives:
+            token = _token_bytes(alternative)
+            if token and data.startswith(token, offset):
+                positions.append((offset, alternatives))
+                offset += len(token)
+                break
+        else:
+            return None
+    return positions if offset == len(data) else None
+
+
+def _first_word(token: str) -> str:
+    return token.strip().lstrip("\"'*`[(:").casefold()
+
+
+def label_probabilities(
+    text: str, aligned: list[tuple[int, Sequence[LogProb]]], start: int, scale: LabelScale
+) -> dict[str, float] | None:
+    """The probability of each label at the label starting at character ``start`` of ``text``.
+
+    An alternative token counts for a label when the label begins with it (``"very"`` for "very likely",
+    ``"un"`` for "unlikely"); one that could begin several labels is shared between them equally.
+    """
+    byte_start = len(text[:start].encode("utf-8"))
+    position = None
+    for offset, alternatives in aligned:
+        if offset > byte_start:
+            break
+        position = alternatives
+    if position is None:
+        return None
+    mass: dict[str, float] = {}
+    for alternative in position:
+        word = _first_word(alternative.token)
+        matches = [label for label in scale.labels if word and label.startswith(word)]
+        for label in matches:
+            mass[label] = mass.get(label, 0.0) + math.exp(alternative.logprob) / len(matches)
+    return mass or None
+
+
+def order(
+    candidates: Sequence[Candidate], judgements: dict[int, Judgement], min_score: float | None
+) -> list[Candidate]:
+    """Best first: judged candidates by score (ties by retrieval order); unjudged ones survive any cutoff."""
+    kept = [
+        c
+        for c in candidates
+        if min_score is None or judgements[c.index].label is None or judgements[c.index].score >= min_score
+    ]
+    return sorted(kept, key=lambda c: (-judgements[c.index].score, c.index))
