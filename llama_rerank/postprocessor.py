@@ -19,7 +19,7 @@ from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRan
 from llama_index.core.llms import LLM
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.prompts import BasePromptTemplate
-from llama_index.core.prompts.mixin import PromptDictType
+from llama_index.core.prompts.mixin import PromptDictType, PromptMixin, PromptMixinType
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 from llama_index.core.settings import Settings
 
@@ -46,7 +46,7 @@ class RerankResult:
     usage: RerankUsage
 
 
-class LikelihoodRerank(BaseNodePostprocessor):
+class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
     """Listwise LLM reranker: the LLM labels each candidate ``unlikely`` / ``likely`` / ``very likely``.
 
     Several candidates go in each LLM call (``window_size``); windows run concurrently. Scores come from the
@@ -119,6 +119,9 @@ class LikelihoodRerank(BaseNodePostprocessor):
 
     def _get_prompts(self) -> PromptDictType:
         return {PROMPT_KEY: self._prompt}
+
+    def _get_prompt_modules(self) -> PromptMixinType:
+        return {}
 
     def _update_prompts(self, prompts: PromptDictType) -> None:
         if PROMPT_KEY in prompts:

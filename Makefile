@@ -1,0 +1,24 @@
+# The two commands for a fresh machine (see README): `make demo` and `make test`.
+# Each creates .venv and installs the package with every extra on first use (and again when pyproject.toml changes).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast bench
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[local,eval,test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/llama-rerank demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"

@@ -1,0 +1,99 @@
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llama_rerank import DEFAULT_SCALE, LabelScale
+from llama_rerank.parse import parse_labels
+
+SCALE = LabelScale.from_mapping(DEFAULT_SCALE)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("[1] very likely\n[2] unlikely\n[3] likely", {1: "very likely", 2: "unlikely", 3: "likely"}),
+        ("1: Likely\n2: unlikely\n3: VERY LIKELY", {1: "likely", 2: "unlikely", 3: "very likely"}),
+        ("1. VERY LIKELY\n2. likely\n3. Unlikely", {1: "very likely", 2: "likely", 3: "unlikely"}),
+        ("Passage 1 - unlikely\nPassage 2 - very likely\nPassage 3 - likely", {1: "unlikely", 2: "very likely", 3: "likely"}),
+        ("**[1]** likely\n**[2]** unlikely\n**[3]** very likely", {1: "likely", 2: "unlikely", 3: "very likely"}),
+        ('[1] "likely"\n[2] \'unlikely\'\n[3] "very likely"', {1: "likely", 2: "unlikely", 3: "very likely"}),
+        ('{"1": "likely", "2": "very_likely", "3": "unlikely"}', {1: "likely", 2: "very likely", 3: "unlikely"}),
+        ('[{"id": 1, "label": "unlikely"}, {"id": 2, "label": "likely"}, {"id": 3, "label": "very likely"}]',
+         {1: "unlikely", 2: "likely", 3: "very likely"}),
+        ('{\n  "1": "likely",\n  "2": "unlikely",\n  "3": "very likely"\n}', {1: "likely", 2: "unlikely", 3: "very likely"}),
+        ("Sure! Here are my labels.\n\n[1] likely\n[2] unlikely\n[3] very likely\n\nLet me know if you need more.",
+         {1: "likely", 2: "unlikely", 3: "very likely"}),
+        ("[1] likely [2] unlikely [3] very likely", {1: "likely", 2: "unlikely", 3: "very likely"}),
+    ],
+)
+def test_common_variations(text, expected):
+    parsed = parse_labels(text, 3, SCALE)
+    assert parsed.labels == expected
+    assert parsed.missing == []
+
+
+def test_unlikely_never_read_as_likely_and_very_likely_never_as_likely():
+    parsed = parse_labels("[1] unlikely\n[2] very likely\n[3] Unlikely.", 3, SCALE)
+    assert parsed.labels == {1: "unlikely", 2: "very likely", 3: "unlikely"}
+
+
+def test_negated_label_is_not_read():
+    assert parse_labels("[1] not likely\n[2] likely", 2, SCALE).labels == {2: "likely"}
+
+
+def test_out_of_range_ids_ignored_and_first_answer_wins():
+    parsed = parse_labels("[0] likely\n[2] unlikely\n[2] very likely\n[7] likely", 3, SCALE)
+    assert parsed.labels == {2: "unlikely"}
+    assert parsed.missing == [1, 3]
+
+
+def test_spans_point_at_the_label_text():
+    text = "[1] very likely\n[2] unlikely"
+    parsed = parse_labels(text, 2, SCALE)
+    assert [text[slice(*parsed.spans[i])] for i in (1, 2)] == ["very likely", "unlikely"]
+
+
+def test_garbage_and_empty_answers_label_nothing():
+    for text in ["", None, "I cannot help with that.", "likely likely likely", "[1]", "[[[[(((("]:
+        parsed = parse_labels(text, 3, SCALE)
+        assert parsed.labels == {}
+        assert parsed.missing == [1, 2, 3]
+
+
+def test_custom_scale_in_another_language():
+    scale = LabelScale.from_mapping({"unwahrscheinlich": 0.0, "wahrscheinlich": 0.5, "sehr wahrscheinlich": 1.0})
+    parsed = parse_labels("[1] sehr wahrscheinlich\n[2] unwahrscheinlich\n[3] Wahrscheinlich", 3, scale)
+    assert parsed.labels == {1: "sehr wahrscheinlich", 2: "unwahrscheinlich", 3: "wahrscheinlich"}
+
+
+LABEL_SPELLINGS = st.sampled_from(["unlikely", "likely", "very likely", "Very Likely", "UNLIKELY", "very_likely", "Likely"])
+ID_FORMS = st.sampled_from(["[{i}] ", "{i}: ", "{i}. ", "Passage {i} - ", "**[{i}]** ", '"{i}": "', "({i}) "])
+NOISE = st.text(alphabet=st.characters(codec="utf-8"), max_size=30)
+
+
+def _label_in_text(label: str, text: str) -> bool:
+    words = r"[\s_\-]+".join(map(re.escape, label.split()))
+    return re.search(rf"(?<!\w){words}(?!\w)", text, re.IGNORECASE) is not None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(max_size=400), st.integers(min_value=0, max_value=30))
+def test_parser_never_raises_on_arbitrary_text(text, n):
+    parsed = parse_labels(text, n, SCALE)
+    assert set(parsed.labels) <= set(range(1, n + 1))
+    assert all(_label_in_text(label, text) for label in parsed.labels.values())
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.integers(min_value=-2, max_value=25), ID_FORMS, LABEL_SPELLINGS, NOISE), max_size=25),
+       st.integers(min_value=1, max_value=20))
+def test_parser_on_generated_answers(lines, n):
+    text = "\n".join(form.format(i=i) + label + noise for i, form, label, noise in lines)
+    parsed = parse_labels(text, n, SCALE)
+    assert set(parsed.labels) <= set(range(1, n + 1))
+    assert sorted(parsed.missing) == [i for i in range(1, n + 1) if i not in parsed.labels]
+    for i, label in parsed.labels.items():
+        assert _label_in_text(label, text)
+        assert text[slice(*parsed.spans[i])].casefold().replace("_", " ") == label
