@@ -1,0 +1,121 @@
+"""The ``llama-rerank`` command: ``ingest``, ``query``, ``demo`` (and ``eval``). Each parses, calls one library
+function and prints; library errors become ``TypeName: message`` and exit status 1."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+from llama_rerank.errors import LlamaRerankError
+
+WIDTH = 48
+
+
+def _snippet(text: str, width: int = WIDTH) -> str:
+    return textwrap.shorten(" ".join(text.split()), width=width, placeholder="...")
+
+
+def format_report(report: "QueryReport") -> str:  # noqa: F821 - imported lazily below
+    """First-stage and reranked orders side by side, then the answer, timings and token counts."""
+    rows = [f"Query: {report.query}", "",
+            f"{'#':>2}  {'first stage':<{WIDTH + 8}} | {'reranked':<8} {'label':<12} {'score':>5} {'was':>3}  passage",
+            "-" * (WIDTH * 2 + 48)]  # fmt: skip
+    for i in range(max(len(report.first_stage), len(report.reranked))):
+        left = ""
+        if i < len(report.first_stage):
+            node = report.first_stage[i]
+            left = f"{node.score or 0:.3f}  {_snippet(node.node.get_content())}"
+        right = ""
+        if i < len(report.reranked):
+            node = report.reranked[i]
+            meta = node.node.metadata
+            right = (f"{i + 1:<8} {meta['rerank_label'] or '-':<12} {node.score:>5.2f} {meta['retrieval_rank']:>3}  "
+                     f"{_snippet(node.node.get_content())}")  # fmt: skip
+        rows.append(f"{i + 1:>2}  {left:<{WIDTH + 8}} | {right}")
+    if report.answer is not None:
+        rows += ["", "Answer:", textwrap.fill(report.answer, width=100)]
+    usage, t = report.usage, report.timings
+    rows += ["", f"time: retrieve {t['retrieve']:.1f}s, rerank {t['rerank']:.1f}s, answer {t['answer']:.1f}s | "
+                 f"rerank LLM calls {usage.llm_calls}, prompt tokens {usage.prompt_tokens}, "
+                 f"completion tokens {usage.completion_tokens}, unparsed {usage.unparsed}, failed windows {usage.failed_windows}"]  # fmt: skip
+    return "\n".join(rows)
+
+
+def _add_store(parser: argparse.ArgumentParser, default: Path) -> None:
+    parser.add_argument("--store", default=str(default), help="Chroma directory or http(s)://host:port of a Chroma server (default: %(default)s)")
+    parser.add_argument("--collection", default="llama_rerank", help="Chroma collection name (default: %(default)s)")
+
+
+def _add_rerank(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--llm", default="local", help="'local' (bundled model, default), 'openai:<model>', or an OpenAI-compatible server URL")
+    parser.add_argument("--model", default=None, help="model name to ask a server URL for")
+    parser.add_argument("--top-k", type=int, default=10, help="candidates from the first stage (default: %(default)s)")
+    parser.add_argument("--top-n", type=int, default=3, help="passages kept after reranking (default: %(default)s)")
+    parser.add_argument("--window-size", type=int, default=10, help="candidates per LLM call (default: %(default)s)")
+    parser.add_argument("--no-answer", action="store_true", help="only show the rankings, do not synthesize an answer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from llama_rerank.pipeline import DEFAULT_STORE, DEMO_STORE
+
+    parser = argparse.ArgumentParser(prog="llama-rerank", description="Retrieve with Chroma, rerank with an LLM, answer.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (INFO level)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ingest = sub.add_parser("ingest", help="add a folder of documents (txt, md, pdf, ...) to the store")
+    ingest.add_argument("folder", type=Path)
+    _add_store(ingest, DEFAULT_STORE)
+    ingest.add_argument("--prune", action="store_true", help="remove chunks of files no longer in the folder")
+
+    query = sub.add_parser("query", help="retrieve, rerank and answer one question")
+    query.add_argument("text", help="the question")
+    _add_store(query, DEFAULT_STORE)
+    _add_rerank(query)
+
+    demo = sub.add_parser("demo", help="ingest the bundled sample corpus and run its queries")
+    _add_store(demo, DEMO_STORE)
+    _add_rerank(demo)
+    demo.add_argument("--queries", type=int, default=3, help="how many of the demo queries to run (default: %(default)s)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except LlamaRerankError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from llama_rerank import pipeline, store
+    from llama_rerank.postprocessor import LikelihoodRerank
+
+    embed_model = pipeline.default_embedding()
+    if args.command == "ingest":
+        print(store.ingest(args.folder, args.store, embed_model, collection=args.collection, prune=args.prune))
+        return 0
+    if args.command == "demo":
+        folder, queries = pipeline.demo_corpus()
+        print(f"Ingesting the sample corpus ({folder}) into {args.store} ...")
+        print(store.ingest(folder, args.store, embed_model, collection=args.collection))
+        texts = [q["query"] for q in queries[: args.queries]]
+    else:
+        texts = [args.text]
+    index = store.load_index(args.store, embed_model, collection=args.collection)
+    llm = pipeline.make_llm(args.llm, model=args.model)
+    reranker = LikelihoodRerank(llm=llm, top_n=args.top_n, window_size=args.window_size)
+    for text in texts:
+        print()
+        print(format_report(pipeline.run_query(index, reranker, text, top_k=args.top_k, answer=not args.no_answer)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The main job, end to end: choose an LLM, retrieve top K from the store, rerank to top N, and answer.
+
+The CLI and the notebooks call these functions; they only reach the library through ``store`` and
+``LikelihoodRerank``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from llama_index.core import VectorStoreIndex, get_response_synthesizer
+from llama_index.core.base.embeddings.base import BaseEmbedding
+from llama_index.core.llms import LLM
+from llama_index.core.schema import NodeWithScore
+
+from llama_rerank.errors import LlamaRerankError
+from llama_rerank.postprocessor import LikelihoodRerank
+from llama_rerank.types import RerankUsage
+
+DATA_DIR = Path(platformdirs.user_data_dir("llama-rerank"))
+DEFAULT_STORE = DATA_DIR / "chroma"
+DEMO_STORE = DATA_DIR / "demo-chroma"
+
+
+def make_llm(spec: str = "local", model: str | None = None, context_window: int = 4096) -> LLM:
+    """``local`` (the bundled model), ``openai:<model>`` (needs OPENAI_API_KEY) or an OpenAI-compatible server URL.
+
+    Every choice asks for token log-probabilities, which ``LikelihoodRerank`` turns into scores.
+    """
+    if spec == "local":
+        from llama_rerank.runtime import local_llm
+
+        return local_llm()
+    if spec.startswith("openai:"):
+        if not os.environ.get("OPENAI_API_KEY"):
+            raise LlamaRerankError(f"--llm {spec} needs the OPENAI_API_KEY environment variable set")
+        from llama_index.llms.openai import OpenAI
+
+        return OpenAI(model=spec.split(":", 1)[1], temperature=0.0, logprobs=True, top_logprobs=5)
+    if spec.startswith(("http://", "https://")):
+        from llama_index.llms.openai_like import OpenAILike
+
+        return OpenAILike(
+            api_base=spec, model=model or "default", api_key=os.environ.get("OPENAI_API_KEY", "not-needed"),
+            is_chat_model=True, context_window=context_window, temperature=0.0, logprobs=True, top_logprobs=5,
+        )  # fmt: skip
+    raise LlamaRerankError(f"unknown --llm {spec!r}: use 'local', 'openai:<model>' or an OpenAI-compatible server URL")
+
+
+def default_embedding() -> BaseEmbedding:
+    from llama_rerank.runtime import LocalEmbedding
+
+    return LocalEmbedding()
+
+
+@dataclass
+class QueryReport:
+    """One query's journey: first-stage order, reranked order, the answer, usage and timings (seconds)."""
+
+    query: str
+    first_stage: list[NodeWithScore]
+    reranked: list[NodeWithScore]
+    answer: str | None
+    usage: RerankUsage
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def run_query(
+    index: VectorStoreIndex, reranker: LikelihoodRerank, query: str, top_k: int = 10, answer: bool = True
+) -> QueryReport:
+    """Retrieve ``top_k``, rerank to ``reranker.top_n``, and (optionally) synthesize an answer with its LLM."""
+    started = time.perf_counter()
+    first_stage = index.as_retriever(similarity_top_k=top_k).retrieve(query)
+    retrieved = time.perf_counter()
+    result = reranker.rerank(query, first_stage)
+    reranked = time.perf_counter()
+    text = None
+    if answer:
+        response = get_response_synthesizer(llm=reranker.llm, response_mode="compact").synthesize(query, result.nodes)
+        text = str(response).strip()
+    done = time.perf_counter()
+    timings = {"retrieve": retrieved - started, "rerank": reranked - retrieved, "answer": done - reranked}
+    return QueryReport(query, first_stage, result.nodes, text, result.usage, timings)
+
+
+def demo_corpus() -> tuple[Path, list[dict[str, Any]]]:
+    """The sample corpus folder shipped in the package and its demo queries."""
+    root = Path(str(resources.files("llama_rerank") / "demo_data"))
+    return root / "docs", json.loads((root / "queries.json").read_text(encoding="utf-8"))
