@@ -28,7 +28,7 @@ from llama_rerank.engine import Judge
 from llama_rerank.labels import DEFAULT_SCALE, LabelScale, normalise_label
 from llama_rerank.llm import LLMCaller
 from llama_rerank.prompts import DEFAULT_RERANK_PROMPT, prompt_vars, render
-from llama_rerank.scoring import order
+from llama_rerank.scoring import fuse, order
 from llama_rerank.types import Candidate, Judgement, RerankUsage
 
 dispatcher = get_dispatcher(__name__)
@@ -80,6 +80,15 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
     )
     min_score: Optional[float] = Field(default=None, ge=0, le=1, description="Opt-in cutoff: drop judged candidates scoring below this.")
     min_label: Optional[str] = Field(default=None, description="Opt-in cutoff by label: drop judged candidates scoring below its value.")
+    retrieval_weight: float = Field(
+        default=0.0, ge=0, le=1,
+        description="Score fusion: final = (1 - w) * LLM score + w * retrieval signal, so a weak LLM refines the "
+        "first-stage order instead of replacing it. 0 = LLM score alone.",
+    )  # fmt: skip
+    retrieval_signal: Literal["rank", "score"] = Field(
+        default="rank", description="What fusion mixes in: 'rank' (1 for the first candidate .. 0 for the last) or "
+        "'score' (retrieval scores min-max normalised over the candidates).",
+    )  # fmt: skip
     tokenizer: Optional[Callable[[str], Sequence[Any]]] = Field(
         default=None, exclude=True, description="Token counter for budgets; default: the LLM's own if exposed, else cl100k."
     )
@@ -242,14 +251,16 @@ class _Run:
     def finish(self) -> None:
         """Order, cut and copy the nodes into ``result``; textless nodes follow the judged ones."""
         owner = self.owner
-        ranked = order(self.candidates, self.judgements, owner._cutoff())
-        chosen = [(c.index, self.judgements[c.index]) for c in ranked]
-        chosen += [(index, Judgement(None, owner._scale.values[0], "no_text")) for index in self.textless]
-        self.result.nodes = [self._output(index, judgement) for index, judgement in chosen[: owner.top_n]]
+        final = fuse(self.candidates, self.judgements, owner.retrieval_weight, owner.retrieval_signal)
+        ranked = order(self.candidates, self.judgements, final, owner._cutoff())
+        chosen = [(c.index, self.judgements[c.index], final[c.index]) for c in ranked]
+        floor = owner._scale.values[0]
+        chosen += [(index, Judgement(None, floor, "no_text"), floor) for index in self.textless]
+        self.result.nodes = [self._output(*choice) for choice in chosen[: owner.top_n]]
         self.usage.wall_time_s = time.perf_counter() - self.started
         owner._last_usage = self.usage
 
-    def _output(self, index: int, judgement: Judgement) -> NodeWithScore:
+    def _output(self, index: int, judgement: Judgement, score: float) -> NodeWithScore:
         """A copy of the input node carrying the rerank metadata; the caller's node is left untouched."""
         source = self.unique[index]
         node = source.node
@@ -267,7 +278,7 @@ class _Run:
                 "excluded_embed_metadata_keys": _with_keys(node.excluded_embed_metadata_keys),
             }
         )
-        return NodeWithScore(node=copy, score=judgement.score)
+        return NodeWithScore(node=copy, score=score)
 
 
 def _with_keys(keys: List[str]) -> List[str]:

@@ -71,13 +71,32 @@ def label_probabilities(
     return mass or None
 
 
+def retrieval_signal(candidates: Sequence[Candidate], kind: str) -> dict[int, float]:
+    """First-stage evidence in [0, 1]: min-max normalised retrieval score (``"score"``) or rank (``"rank"``, 1 first).
+
+    ``"score"`` falls back to rank when a candidate has no retrieval score or all scores are equal.
+    """
+    scores = [c.retrieval_score for c in candidates]
+    if kind == "score" and None not in scores and max(scores) > min(scores):  # type: ignore[type-var]
+        low, high = min(scores), max(scores)  # type: ignore[type-var]
+        return {c.index: (c.retrieval_score - low) / (high - low) for c in candidates}  # type: ignore[operator]
+    last = max(len(candidates) - 1, 1)
+    return {c.index: 1.0 - i / last for i, c in enumerate(candidates)}
+
+
+def fuse(candidates: Sequence[Candidate], judgements: dict[int, Judgement], weight: float, kind: str) -> dict[int, float]:
+    """Final scores: ``(1 - weight) * LLM score + weight * retrieval signal`` (the LLM score alone at weight 0)."""
+    signal = retrieval_signal(candidates, kind) if weight else {}
+    return {c.index: (1 - weight) * judgements[c.index].score + weight * signal.get(c.index, 0.0) for c in candidates}
+
+
 def order(
-    candidates: Sequence[Candidate], judgements: dict[int, Judgement], min_score: float | None
+    candidates: Sequence[Candidate], judgements: dict[int, Judgement], final: dict[int, float], min_score: float | None
 ) -> list[Candidate]:
-    """Best first: judged candidates by score (ties by retrieval order); unjudged ones survive any cutoff."""
+    """Best first by final score (ties by retrieval order); the cutoff reads the LLM's score, never drops unjudged."""
     kept = [
         c
         for c in candidates
         if min_score is None or judgements[c.index].label is None or judgements[c.index].score >= min_score
     ]
-    return sorted(kept, key=lambda c: (-judgements[c.index].score, c.index))
+    return sorted(kept, key=lambda c: (-final[c.index], c.index))

@@ -349,3 +349,20 @@ def test_repr_is_short_and_useful():
     text = repr(LikelihoodRerank(llm=ScriptedLLM(lambda p, c: ""), top_n=3))
     assert text.startswith("LikelihoodRerank(llm=ScriptedLLM('scripted'), top_n=3") and "very likely=1" in text
     assert LikelihoodRerank.class_name() == "LikelihoodRerank"
+
+
+# score fusion ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signal", ["rank", "score"])
+def test_fusion_lets_the_llm_refine_the_first_stage_order(signal):
+    llm = ScriptedLLM(lambda p, c: "[1] likely\n[2] likely\n[3] very likely\n[4] unlikely")
+    nodes = make_nodes(["a", "b", "c", "d"])  # retrieval scores 1.0, 0.99, 0.98, 0.97
+    pure = LikelihoodRerank(llm=llm, top_n=4).rerank("q", nodes).nodes
+    assert texts(pure) == ["c", "a", "b", "d"]
+    fused = LikelihoodRerank(llm=llm, top_n=4, retrieval_weight=0.8, retrieval_signal=signal).rerank("q", nodes).nodes
+    # signal is 1, 2/3, 1/3, 0 either way (the scores are evenly spaced): a's lead survives c's better label
+    assert texts(fused) == ["a", "b", "c", "d"]
+    assert fused[0].score == pytest.approx(0.2 * 0.5 + 0.8 * 1.0)
+    assert fused[0].node.metadata["rerank_score"] == 0.5  # the LLM's own score stays in the metadata
+    assert [n.score for n in fused] == sorted((n.score for n in fused), reverse=True)
