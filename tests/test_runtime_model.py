@@ -109,9 +109,7 @@ def test_hash_mismatch_raises_and_leaves_no_file(cache: Path, fake_parts: list[l
     assert [p.name for p in cache.iterdir()] == [model.MODEL_FILENAME + ".lock"]
 
 
-def test_error_mid_assembly_leaves_no_final_file(
-    cache: Path, parts: list[Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_error_mid_assembly_leaves_no_final_file(cache: Path, parts: list[Path]) -> None:
     broken = [parts[0], parts[1].with_name("vanished.bin"), parts[3]]
     with pytest.raises(FileNotFoundError):
         assemble(parts=broken)

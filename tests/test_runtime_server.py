@@ -73,6 +73,18 @@ def test_shutdown_frees_the_port() -> None:
 
 
 @pytest.mark.slow
+def test_crashed_server_is_restarted() -> None:
+    first = server.get_server()
+    old_pid = first.pid
+    assert old_pid is not None
+    os.kill(old_pid, signal.SIGKILL)
+    time.sleep(0.5)
+    llm = server.local_llm(max_tokens=1)
+    assert first.pid != old_pid and first.running
+    assert answers(llm.api_base.removesuffix("/v1"))
+
+
+@pytest.mark.slow
 def test_server_dies_with_a_killed_parent() -> None:
     code = (
         "from llama_rerank.runtime import server\n"
@@ -116,7 +128,7 @@ def test_bad_model_gives_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"not a gguf file")
     local = server.LocalServer(model=bad, start_timeout=60)
-    with pytest.raises(RuntimeError, match="did not report its address") as excinfo:
+    with pytest.raises(RuntimeError, match="exited while starting") as excinfo:
         local.start()
     assert "broken.gguf" in str(excinfo.value)  # the tail of llama.cpp's log is included
     assert not local.running
