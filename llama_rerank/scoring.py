@@ -33,7 +33,7 @@ def align_tokens(text: str, logprobs: Sequence[Sequence[LogProb]]) -> list[tuple
     for alternatives in logprobs:
         for alternative in alternatives:
             token = _token_bytes(alternative)
-            if token and data.startswith(token, offset):
+            if data.startswith(token, offset):  # an empty token (end of text) takes no bytes
                 positions.append((offset, alternatives))
                 offset += len(token)
                 break

@@ -366,3 +366,12 @@ def test_fusion_lets_the_llm_refine_the_first_stage_order(signal):
     assert fused[0].score == pytest.approx(0.2 * 0.5 + 0.8 * 1.0)
     assert fused[0].node.metadata["rerank_score"] == 0.5  # the LLM's own score stays in the metadata
     assert [n.score for n in fused] == sorted((n.score for n in fused), reverse=True)
+
+
+def test_logprobs_with_an_end_of_text_token_still_align():
+    from llama_index.core.base.llms.types import LogProb
+
+    reply = _logprob_reply("[1] likely")
+    reply.logprobs.append([LogProb(token="", logprob=-0.6, bytes=[]), LogProb(token="\n", logprob=-1.3)])
+    result = LikelihoodRerank(llm=ScriptedLLM(lambda p, c: reply)).rerank("q", make_nodes(["a"]))
+    assert result.nodes[0].score not in (0.0, 0.5, 1.0)
