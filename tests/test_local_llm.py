@@ -1,0 +1,78 @@
+"""The real local LLM end to end (slow: about a minute per query on 2 cores). CI runs these too."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llama_rerank import LikelihoodRerank
+from llama_rerank.pipeline import demo_corpus, make_llm, run_query
+from llama_rerank.store import ingest, load_index
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_index(tmp_path_factory):
+    from llama_rerank.runtime import LocalEmbedding
+
+    embed = LocalEmbedding()
+    store = tmp_path_factory.mktemp("demo-store")
+    folder, _ = demo_corpus()
+    ingest(folder, store, embed, progress=False)
+    return load_index(store, embed)
+
+
+def _check_ranking(report, top_k, scale):
+    nodes = report.reranked
+    assert len(nodes) == len({n.node.node_id for n in nodes}) == top_k  # every candidate present once
+    assert {n.node.node_id for n in nodes} == {n.node.node_id for n in report.first_stage}
+    assert all(n.node.metadata["rerank_label"] in scale.labels for n in nodes)
+    assert all(0.0 <= n.score <= 1.0 for n in nodes)
+    assert [n.score for n in nodes] == sorted((n.score for n in nodes), reverse=True)
+    assert report.usage.failed_windows == 0
+
+
+def test_local_llm_reranks_demo_queries_with_logprob_scores(demo_index):
+    reranker = LikelihoodRerank(llm=make_llm("local"), top_n=6, window_size=3)
+    _, queries = demo_corpus()
+    for query in queries[:2]:
+        report = run_query(demo_index, reranker, query["query"], top_k=6, answer=False)
+        _check_ranking(report, 6, reranker.scale)
+        assert report.usage.llm_calls >= 2  # two windows of three
+        # logprob scoring was used: expected values fall between the label values
+        assert any(n.score not in reranker.scale.values for n in report.reranked)
+
+
+async def test_local_llm_async_path_and_answer(demo_index):
+    reranker = LikelihoodRerank(llm=make_llm("local"), top_n=2, window_size=4)
+    result = await reranker.arerank("How many grams fit in a 51 mm double basket?",
+                                    demo_index.as_retriever(similarity_top_k=4).retrieve("51 mm basket dose"))
+    assert len(result.nodes) == 2 and result.usage.llm_calls >= 1 and result.usage.prompt_tokens > 200
+
+
+def test_openai_code_path_against_the_local_openai_compatible_server(demo_index, monkeypatch):
+    """The `openai:<model>` path for real (openai client through LlamaIndex's OpenAI LLM), pointed at localhost."""
+    from llama_rerank.runtime.server import get_server
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-local-test")
+    monkeypatch.setenv("OPENAI_API_BASE", get_server().address + "/v1")
+    llm = make_llm("openai:gpt-4o-mini")
+    assert type(llm).__name__ == "OpenAI" and llm.logprobs is True
+    reranker = LikelihoodRerank(llm=llm, top_n=4, window_size=4)
+    report = run_query(demo_index, reranker, "Should I backflush my compact espresso machine?", top_k=4, answer=False)
+    _check_ranking(report, 4, reranker.scale)
+    assert any(n.score not in reranker.scale.values for n in report.reranked)
+
+
+def test_demo_command_runs_end_to_end(tmp_path):
+    cli = Path(sys.executable).with_name("llama-rerank")
+    done = subprocess.run(
+        [str(cli), "demo", "--queries", "1", "--top-k", "5", "--store", str(tmp_path / "store")],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "46 added" in out and "first stage" in out and "reranked" in out
+    assert "Answer:" in out and "rerank LLM calls" in out
