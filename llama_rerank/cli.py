@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store(demo, DEMO_STORE)
     _add_rerank(demo)
     demo.add_argument("--queries", type=int, default=3, help="how many of the demo queries to run (default: %(default)s)")
+
+    from llama_rerank.eval import add_arguments as add_eval_arguments
+
+    add_eval_arguments(sub.add_parser("eval", help="score rerankers on a BEIR-layout folder or Cranfield (nDCG@10, MRR@10, Recall@N)"))
     return parser
 
 
@@ -98,6 +102,10 @@ def _run(args: argparse.Namespace) -> int:
     from llama_rerank.postprocessor import LikelihoodRerank
 
     embed_model = pipeline.default_embedding()
+    if args.command == "eval":
+        from llama_rerank.eval import command
+
+        return command(args, embed_model)
     if args.command == "ingest":
         print(store.ingest(args.folder, args.store, embed_model, collection=args.collection, prune=args.prune))
         return 0

@@ -61,11 +61,15 @@ def _client(store: str | Path) -> Any:
         url = urlparse(text)
         return chromadb.HttpClient(host=url.hostname or "127.0.0.1", port=url.port or 8000,
                                    ssl=url.scheme == "https", settings=settings)  # fmt: skip
+    return chromadb.PersistentClient(path=str(_local_dir(store)), settings=settings)
+
+
+def _local_dir(store: str | Path) -> Path:
     path = Path(store).expanduser()
     if path.exists() and not path.is_dir():
         raise StoreError(f"store path {path} is a file; give a directory (it is created if missing) or a Chroma URL")
     path.mkdir(parents=True, exist_ok=True)
-    return chromadb.PersistentClient(path=str(path), settings=settings)
+    return path
 
 
 def open_collection(store: str | Path, collection: str, embed_model: BaseEmbedding, create: bool) -> Any:
@@ -150,11 +154,10 @@ def ingest(
     files = list(_files(folder))
     if not files:
         raise StoreError(f"{folder} holds no files to ingest")
-    lock_dir = Path(store) if not str(store).startswith(("http://", "https://")) else _remote_lock_dir(str(store))
-    coll = open_collection(store, collection, embed_model, create=True)
     report = IngestReport()
     splitter = SentenceSplitter(chunk_size=chunk_size, chunk_overlap=chunk_overlap)
-    with FileLock(str(lock_dir / LOCK_NAME), timeout=600):
+    with FileLock(str(_lock_dir(store) / LOCK_NAME), timeout=600):
+        coll = open_collection(store, collection, embed_model, create=True)
         seen: set[str] = set()
         for path in tqdm(files, desc="ingest", unit="file", disable=not progress):
             key = str(path.resolve())
@@ -217,9 +220,12 @@ def _prune(coll: Any, folder: Path, seen: set[str]) -> list[str]:
     return sorted(gone)
 
 
-def _remote_lock_dir(url: str) -> Path:
+def _lock_dir(store: str | Path) -> Path:
+    """The store folder itself, or for a server URL a per-user folder named after it."""
+    if not str(store).startswith(("http://", "https://")):
+        return _local_dir(store)
     import platformdirs
 
-    path = Path(platformdirs.user_cache_dir("llama-rerank")) / "locks" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    path = Path(platformdirs.user_cache_dir("llama-rerank")) / "locks" / hashlib.sha256(str(store).encode()).hexdigest()[:16]
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -1,0 +1,135 @@
+"""Test collections on disk -> queries, corpus and graded judgments, plus the fixed query splits.
+
+Two layouts are read, detected from the files present:
+
+- BEIR: ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl`` (``_id``, ``text``) and
+  ``qrels/SPLIT.tsv`` (header ``query-id corpus-id score``; graded scores allowed). A document's text is its title
+  and its text on two lines.
+- Cranfield (``cran.all.1400``, ``cran.qry``, ``cranqrel``): documents are ``.I`` records whose ``.W`` field is the
+  text (it already starts with the title). Queries are numbered 1..225 **in file order**, which is how
+  ``cranqrel`` names them; the ``.I`` ids of ``cran.qry`` (1, 2, 4, 8, ...) are not used. Relevance codes map to
+  graded gains as ``gain = 5 - code`` for codes 1..4 (1 = complete answer -> 4, ..., 4 = minimum interest -> 1)
+  and 0 otherwise (``-1`` = judged not relevant).
+
+The queries evaluated are those with at least one judgment of gain > 0. ``--queries-split`` cuts them into two
+fixed halves: in id order (numeric ids by value, others as text after them), ``tune`` takes the 1st, 3rd, 5th, ...
+and ``test`` the 2nd, 4th, 6th, ...; ``--limit-queries`` then draws a seeded random sample of that list.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from llama_rerank.eval import EvalError
+
+CRANFIELD_FILES = ("cran.all.1400", "cran.qry", "cranqrel")
+QUERY_SPLITS = ("all", "tune", "test")
+
+
+@dataclass
+class Dataset:
+    """A test collection: ``corpus`` and ``queries`` map ids to text, ``qrels`` query id -> corpus id -> gain."""
+
+    name: str
+    format: str  # "beir" or "cranfield"
+    corpus: dict[str, str]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+
+
+def load_dataset(path: str | Path, split: str = "test") -> Dataset:
+    """Read a BEIR-layout folder (judgments of ``qrels/{split}.tsv``) or a Cranfield folder."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise EvalError(f"{folder} is not a folder: give a BEIR-layout folder or the Cranfield folder")
+    if all((folder / name).is_file() for name in CRANFIELD_FILES):
+        return load_cranfield(folder)
+    if (folder / "corpus.jsonl").is_file() and (folder / "queries.jsonl").is_file():
+        return load_beir(folder, split)
+    raise EvalError(
+        f"{folder} is neither a BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/{split}.tsv) "
+        f"nor a Cranfield folder ({', '.join(CRANFIELD_FILES)})"
+    )
+
+
+def load_beir(folder: Path, split: str = "test") -> Dataset:
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    if not qrels_path.is_file():
+        found = sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))
+        raise EvalError(f"no judgments at {qrels_path}; splits found: {', '.join(found) or 'none'}")
+    corpus = {str(r["_id"]): "\n".join(t for t in (r.get("title") or "", r.get("text") or "") if t.strip())
+              for r in _jsonl(folder / "corpus.jsonl")}  # fmt: skip
+    queries = {str(r["_id"]): r["text"] for r in _jsonl(folder / "queries.jsonl")}
+    qrels: dict[str, dict[str, int]] = {}
+    with qrels_path.open(encoding="utf-8", newline="") as handle:
+        for n, row in enumerate(csv.reader(handle, delimiter="\t"), start=1):
+            if not row or (n == 1 and row[0] == "query-id"):
+                continue
+            try:
+                qrels.setdefault(row[0], {})[row[1]] = int(float(row[2]))
+            except (IndexError, ValueError) as exc:
+                raise EvalError(f"{qrels_path}:{n}: expected 'query-id<TAB>corpus-id<TAB>score', got {row!r}") from exc
+    return Dataset(folder.name, "beir", corpus, queries, qrels)
+
+
+def _jsonl(path: Path) -> Iterator[dict]:
+    with path.open(encoding="utf-8") as handle:
+        for n, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise EvalError(f"{path}:{n}: not a JSON object: {exc}") from exc
+
+
+def load_cranfield(folder: Path) -> Dataset:
+    corpus = {number: " ".join(fields.get("W", "").split())
+              for number, fields in _records(folder / "cran.all.1400")}  # fmt: skip
+    queries = {str(n): " ".join(fields.get("W", "").split())
+               for n, (_, fields) in enumerate(_records(folder / "cran.qry"), start=1)}  # fmt: skip
+    qrels: dict[str, dict[str, int]] = {}
+    for n, line in enumerate((folder / "cranqrel").read_text(encoding="latin-1").splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 3:
+            raise EvalError(f"{folder / 'cranqrel'}:{n}: expected 'query doc code', got {line!r}")
+        query, doc, code = parts[0], str(int(parts[1])), int(parts[2])
+        qrels.setdefault(query, {})[doc] = 5 - code if 1 <= code <= 4 else 0
+    return Dataset(folder.name, "cranfield", corpus, queries, qrels)
+
+
+def _records(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """``(.I id, {field letter: text})`` for each record of a SMART-format file."""
+    text = path.read_text(encoding="latin-1")
+    for record in re.split(r"^\.I\s+", text, flags=re.M)[1:]:
+        head, _, body = record.partition("\n")
+        fields = {m.group(1): m.group(2).strip() for m in re.finditer(r"^\.([A-Z])\s*\n(.*?)(?=^\.[A-Z]\s*$|\Z)", body, flags=re.M | re.S)}
+        yield str(int(head.strip())), fields
+
+
+def id_order(query_id: str) -> tuple[int, int, str]:
+    """Sort key: numeric ids by value first, then the others as text."""
+    return (0, int(query_id), "") if query_id.isdigit() else (1, 0, query_id)
+
+
+def select_queries(dataset: Dataset, queries_split: str = "all", limit: int | None = None, seed: int = 0) -> list[str]:
+    """Judged query ids in id order, cut to the fixed ``tune``/``test`` half, then a seeded sample of ``limit``."""
+    if queries_split not in QUERY_SPLITS:
+        raise EvalError(f"unknown query split {queries_split!r}: use one of {', '.join(QUERY_SPLITS)}")
+    judged = sorted((q for q, docs in dataset.qrels.items() if q in dataset.queries and any(g > 0 for g in docs.values())),
+                    key=id_order)  # fmt: skip
+    if not judged:
+        raise EvalError(f"{dataset.name}: no query has a relevant judgment")
+    ids = {"all": judged, "tune": judged[0::2], "test": judged[1::2]}[queries_split]
+    if limit is not None and limit < len(ids):
+        if limit < 1:
+            raise EvalError(f"--limit-queries must be at least 1, got {limit}")
+        ids = sorted(random.Random(seed).sample(ids, limit), key=id_order)
+    return ids

@@ -1,0 +1,284 @@
+"""An evaluation run: index the corpus in Chroma, retrieve top K per query, rerank with each system, cache results.
+
+**Index.** Each corpus document is split into chunks (``SentenceSplitter``, 256 tokens, overlap 32) stored as nodes
+with id ``{corpus id}#{chunk number}`` and ``metadata["corpus_id"]`` (hidden from the LLM and the embedding). The
+collection ``eval`` records a fingerprint of the corpus, chunking and embedding model, and its chunk count: a store
+holding that corpus is reused (an interrupted build is completed), a store holding another corpus is refused.
+
+**Rerank.** All systems see the same K first-stage chunks and the same LLM. A system's order is completed with
+every candidate it did not return, in first-stage order (LLMRerank keeps only the documents it judges relevant;
+RankGPT may drop some), so metrics compare rankings of the same candidates; a system that raises on a query counts
+one failure and keeps the first-stage order. LLM calls and tokens are counted by a LlamaIndex
+``TokenCountingHandler`` on the LLM's callback manager, the same for every system. Latency is the first-stage
+retrieval plus the system's reranking, per query.
+
+**Resume.** Each (system config, LLM, query, candidate ids) result is appended to ``results.jsonl`` in the cache
+folder and flushed at once, so an interrupted run loses at most the query in progress and a rerun sends only what
+is missing to the LLM. Unreadable lines (a torn last line) are skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import IO, Any, Sequence
+
+from llama_index.core import VectorStoreIndex
+from llama_index.core.base.embeddings.base import BaseEmbedding
+from llama_index.core.callbacks import TokenCountingHandler
+from llama_index.core.llms import LLM
+from llama_index.core.node_parser import SentenceSplitter
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.schema import NodeWithScore, TextNode
+from tqdm.auto import tqdm
+
+from llama_rerank import pipeline, store as stores
+from llama_rerank.errors import StoreError
+from llama_rerank.eval import EvalError, systems
+from llama_rerank.eval.datasets import Dataset, load_dataset, select_queries
+from llama_rerank.eval.metrics import doc_ranking
+
+logger = logging.getLogger(__name__)
+
+COLLECTION = "eval"
+CHUNK_SIZE, CHUNK_OVERLAP = 256, 32
+EMBED_BATCH = 128
+CACHE_FILE = "results.jsonl"
+
+
+@dataclass
+class QueryResult:
+    """One system on one query: corpus ids best first, what it cost, and the error if the system raised."""
+
+    ranking: list[str]
+    llm_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    appended: int = 0  # candidates the system did not return, put after its own order
+    error: str | None = None
+
+
+@dataclass
+class EvalRun:
+    """What ``evaluate`` did: the dataset, the settings used, and ``results[system][query id]``."""
+
+    dataset: Dataset
+    config: dict[str, Any]
+    results: dict[str, dict[str, QueryResult]]
+
+
+# -- the index ------------------------------------------------------------------------------------------------
+
+
+def corpus_nodes(dataset: Dataset) -> list[TextNode]:
+    """The corpus as chunk nodes ``{corpus id}#{n}`` carrying ``metadata["corpus_id"]``; empty documents have none."""
+    splitter = SentenceSplitter(chunk_size=CHUNK_SIZE, chunk_overlap=CHUNK_OVERLAP)
+    hidden = ["corpus_id"]
+    return [
+        TextNode(id_=f"{doc_id}#{n}", text=chunk, metadata={"corpus_id": doc_id},
+                 excluded_embed_metadata_keys=hidden, excluded_llm_metadata_keys=hidden)  # fmt: skip
+        for doc_id, text in dataset.corpus.items()
+        if text.strip()
+        for n, chunk in enumerate(splitter.split_text(text))
+    ]
+
+
+def fingerprint(dataset: Dataset, embed_model: BaseEmbedding) -> str:
+    """sha256 of the corpus (ids and texts), the chunking and the embedding model's name."""
+    digest = hashlib.sha256(f"{embed_model.model_name}\0{CHUNK_SIZE}\0{CHUNK_OVERLAP}\0".encode())
+    for doc_id in sorted(dataset.corpus):
+        digest.update(f"{doc_id}\0{dataset.corpus[doc_id]}\0".encode())
+    return digest.hexdigest()
+
+
+def build_index(dataset: Dataset, location: str | Path, embed_model: BaseEmbedding, progress: bool = True) -> VectorStoreIndex:
+    """The corpus index in ``location``: reused when complete, completed when interrupted, refused if foreign."""
+    fp = fingerprint(dataset, embed_model)
+    client = stores._client(location)
+    try:
+        coll = client.get_collection(COLLECTION)
+    except Exception:  # noqa: BLE001 - chromadb's NotFoundError differs across versions
+        coll = None
+    if coll is not None:
+        meta = coll.metadata or {}
+        if meta.get("corpus_fingerprint") != fp:
+            raise StoreError(
+                f"{location} holds an index of another corpus or embedding model (fingerprint "
+                f"{str(meta.get('corpus_fingerprint'))[:12]}, this is {fp[:12]}): give another --store or delete it"
+            )
+        if coll.count() == meta.get("corpus_chunks"):
+            return stores.load_index(location, embed_model, collection=COLLECTION)
+    nodes = corpus_nodes(dataset)
+    coll = client.get_or_create_collection(COLLECTION, metadata={
+        "embed_model": embed_model.model_name, "hnsw:space": "cosine", "corpus_fingerprint": fp, "corpus_chunks": len(nodes)})  # fmt: skip
+    done = set(coll.get(include=[])["ids"])
+    todo = [node for node in nodes if node.node_id not in done]
+    if done:
+        logger.warning("completing the interrupted index in %s: %d of %d chunks to go", location, len(todo), len(nodes))
+    from llama_index.core.vector_stores.utils import node_to_metadata_dict
+
+    batches = [todo[i : i + EMBED_BATCH] for i in range(0, len(todo), EMBED_BATCH)]
+    for batch in tqdm(batches, desc=f"index {dataset.name}", unit="batch", disable=not progress):
+        texts = [node.get_content(metadata_mode="embed") for node in batch]
+        coll.upsert(
+            ids=[node.node_id for node in batch],
+            embeddings=embed_model.get_text_embedding_batch(texts),
+            documents=[node.get_content() for node in batch],
+            metadatas=[node_to_metadata_dict(node, remove_text=True, flat_metadata=True) for node in batch],
+        )
+    return stores.load_index(location, embed_model, collection=COLLECTION)
+
+
+# -- the cache ------------------------------------------------------------------------------------------------
+
+
+def cache_key(system: str, llm_name: str, query: str, candidate_ids: Sequence[str]) -> str:
+    data = json.dumps([systems.canonical(system), llm_name, query, list(candidate_ids)], ensure_ascii=False)
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+class ResultCache:
+    """Append-only JSONL of finished results by key; each ``put`` is flushed, unreadable lines are skipped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.results: dict[str, QueryResult] = {}
+        names = [f.name for f in fields(QueryResult)]
+        torn = False
+        if path.exists():
+            data = path.read_bytes()
+            torn = bool(data) and not data.endswith(b"\n")
+            for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+                try:
+                    record = json.loads(line)
+                    self.results[record["key"]] = QueryResult(**{k: record[k] for k in names})
+                except (ValueError, KeyError, TypeError):
+                    logger.warning("%s:%d: unreadable cache line skipped", path, n)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[str] = path.open("a", encoding="utf-8")
+        if torn:  # a run was killed mid-line: start the next record on its own line
+            self._file.write("\n")
+
+    def get(self, key: str) -> QueryResult | None:
+        return self.results.get(key)
+
+    def put(self, key: str, result: QueryResult, **labels: str) -> None:
+        self.results[key] = result
+        self._file.write(json.dumps({"key": key, **labels, **asdict(result)}, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# -- the run --------------------------------------------------------------------------------------------------
+
+
+def rerank_query(
+    reranker: BaseNodePostprocessor | None, query: str, candidates: list[NodeWithScore], counter: TokenCountingHandler | None
+) -> QueryResult:
+    """Rerank one query's candidates; the order is completed with dropped candidates, an exception is recorded."""
+    if counter is not None:
+        counter.reset_counts()
+    started = time.perf_counter()
+    returned: list[NodeWithScore] = []
+    error = None
+    if reranker is not None:
+        try:
+            returned = reranker.postprocess_nodes(candidates, query_str=query)
+        except Exception as exc:  # noqa: BLE001 - a baseline failing on the weak model's output is a result
+            error = f"{type(exc).__name__}: {exc}"
+            logger.warning("%s failed on query %r: %s", type(reranker).__name__, query[:60], error)
+            returned = []
+    latency = time.perf_counter() - started
+    ids = list(dict.fromkeys(n.node.node_id for n in returned))
+    by_id = {n.node.node_id: n for n in candidates}
+    ids = [i for i in ids if i in by_id]
+    kept = set(ids)
+    appended = [n.node.node_id for n in candidates if n.node.node_id not in kept]
+    ranking = doc_ranking([by_id[i].node.metadata["corpus_id"] for i in ids + appended])
+    return QueryResult(
+        ranking=ranking,
+        llm_calls=len(counter.llm_token_counts) if counter else 0,
+        prompt_tokens=counter.prompt_llm_token_count if counter else 0,
+        completion_tokens=counter.completion_llm_token_count if counter else 0,
+        latency_s=latency,
+        appended=len(appended) if reranker is not None else 0,
+        error=error,
+    )
+
+
+def evaluate(
+    path: str | Path,
+    system_specs: Sequence[str],
+    *,
+    top_k: int = 20,
+    top_n: int = 10,
+    split: str = "test",
+    queries_split: str = "all",
+    limit_queries: int | None = None,
+    seed: int = 0,
+    llm_spec: str = "local",
+    store: str | Path | None = None,
+    cache: str | Path | None = None,
+    embed_model: BaseEmbedding | None = None,
+    llm: LLM | None = None,
+    progress: bool = True,
+) -> EvalRun:
+    """Evaluate ``system_specs`` on the dataset at ``path``; ``llm`` overrides ``make_llm(llm_spec)``."""
+    if top_k < 1 or top_n < 1:
+        raise EvalError(f"--top-k and --top-n must be at least 1, got {top_k} and {top_n}")
+    for spec in system_specs:
+        systems.parse_spec(spec)
+    dataset = load_dataset(path, split)
+    query_ids = select_queries(dataset, queries_split, limit_queries, seed)
+    embed_model = embed_model or pipeline.default_embedding()
+    fp = fingerprint(dataset, embed_model)
+    location = str(store or pipeline.DATA_DIR / "eval" / f"{dataset.name}-{fp[:12]}")
+    remote = location.startswith(("http://", "https://"))
+    cache_dir = Path(cache) if cache else (pipeline.DATA_DIR / "eval-cache" if remote else Path(location) / "eval-cache")
+    index = build_index(dataset, location, embed_model, progress)
+    if llm is None and any(systems.needs_llm(s) for s in system_specs):
+        llm = pipeline.make_llm(llm_spec)
+    rerankers = {spec: systems.build(spec, llm, top_k) for spec in system_specs}
+    llm_name = f"{llm_spec}|{llm.metadata.model_name}" if llm is not None else ""
+    config = {
+        "path": str(path), "format": dataset.format, "split": split, "queries_split": queries_split,
+        "limit_queries": limit_queries, "seed": seed, "queries": len(query_ids), "systems": list(system_specs),
+        "top_k": top_k, "top_n": top_n, "llm": llm_spec if llm is not None else None,
+        "llm_model": llm.metadata.model_name if llm is not None else None, "embed_model": embed_model.model_name,
+        "chunk_size": CHUNK_SIZE, "chunk_overlap": CHUNK_OVERLAP, "store": location, "cache": str(cache_dir),
+        "corpus_fingerprint": fp,
+    }  # fmt: skip
+    results: dict[str, dict[str, QueryResult]] = {spec: {} for spec in system_specs}
+    retriever = index.as_retriever(similarity_top_k=top_k)
+    counter = TokenCountingHandler() if llm is not None else None
+    if llm is not None:
+        llm.callback_manager.add_handler(counter)
+    cached = ResultCache(cache_dir / CACHE_FILE)
+    embed_model.get_query_embedding("warm up")  # load the model before the first timed retrieval
+    try:
+        for query_id in tqdm(query_ids, desc=f"eval {dataset.name}", unit="query", disable=not progress):
+            query = dataset.queries[query_id]
+            started = time.perf_counter()
+            candidates = retriever.retrieve(query)
+            retrieval_s = time.perf_counter() - started
+            ids = [n.node.node_id for n in candidates]
+            for spec, reranker in rerankers.items():
+                key = cache_key(spec, llm_name if reranker is not None else "", query, ids)
+                result = cached.get(key)
+                if result is None:
+                    result = rerank_query(reranker, query, candidates, counter)
+                    result.latency_s += retrieval_s
+                    cached.put(key, result, system=spec, query_id=query_id)
+                results[spec][query_id] = result
+    finally:
+        cached.close()
+        if llm is not None:
+            llm.callback_manager.remove_handler(counter)
+    return EvalRun(dataset, config, results)
