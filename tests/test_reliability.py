@@ -85,6 +85,7 @@ ANSWER_LINES = st.lists(
 )
 
 
+@pytest.mark.slow  # about 100 s
 @settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lines=ANSWER_LINES, junk=st.text(max_size=60), n=st.integers(min_value=0, max_value=9), top_n=st.integers(1, 10))
 def test_fuzz_full_postprocessor_with_generated_answers(lines, junk, n, top_n):

@@ -28,7 +28,7 @@ def require(module: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(f"llama-rerank eval needs {module.split('.')[0]}: pip install 'llama-rerank[eval]'") from exc
+        raise ImportError(f"llama-rerank eval needs {module}: pip install 'llama-rerank[eval]'") from exc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
