@@ -8,6 +8,7 @@ bounded by ``max_concurrency``. Windows are independent: labels are absolute, no
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -141,7 +142,11 @@ class Judge:
                 self._run_window(query, window, out, window_usage)
         else:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llama-rerank") as pool:
-                futures = [pool.submit(self._run_window, query, w, out, u) for w, u in zip(windows, usages)]
+                # each window runs in a copy of this context, so LlamaIndex spans nest under the rerank span
+                futures = [
+                    pool.submit(contextvars.copy_context().run, self._run_window, query, w, out, u)
+                    for w, u in zip(windows, usages)
+                ]
                 for future in futures:
                     future.result()
         for window_usage in usages:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 from dataclasses import dataclass
@@ -68,7 +69,8 @@ def _run_with_timeout(fn: Callable[[], Any], timeout: float | None) -> Any:
         except BaseException as exc:  # noqa: BLE001 - handed back to the caller below
             box["error"] = exc
 
-    thread = threading.Thread(target=target, daemon=True, name="llama-rerank-llm-call")
+    context = contextvars.copy_context()
+    thread = threading.Thread(target=context.run, args=(target,), daemon=True, name="llama-rerank-llm-call")
     thread.start()
     thread.join(timeout)
     if thread.is_alive():

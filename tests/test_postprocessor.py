@@ -375,3 +375,27 @@ def test_logprobs_with_an_end_of_text_token_still_align():
     reply.logprobs.append([LogProb(token="", logprob=-0.6, bytes=[]), LogProb(token="\n", logprob=-1.3)])
     result = LikelihoodRerank(llm=ScriptedLLM(lambda p, c: reply)).rerank("q", make_nodes(["a"]))
     assert result.nodes[0].score not in (0.0, 0.5, 1.0)
+
+
+def test_llm_spans_nest_under_the_rerank_span_in_worker_threads(nodes):
+    from llama_index.core.instrumentation.span_handlers import SimpleSpanHandler
+
+    handler = SimpleSpanHandler()
+    dispatcher = get_dispatcher()
+    dispatcher.add_span_handler(handler)
+    try:
+        llm = ScriptedLLM(label_by_keyword({}))
+        LikelihoodRerank(llm=llm, window_size=3, max_concurrency=4).postprocess_nodes(nodes, query_str="q")
+    finally:
+        dispatcher.span_handlers.remove(handler)
+    spans = {span.id_: span for span in handler.completed_spans}
+    rerank = [s for s in spans.values() if "LikelihoodRerank._postprocess_nodes" in s.id_]
+    chats = [s for s in spans.values() if "ScriptedLLM.chat" in s.id_]
+    assert len(rerank) == 1 and len(chats) == 4
+
+    def ancestors(span):
+        while span.parent_id in spans:
+            span = spans[span.parent_id]
+            yield span.id_
+
+    assert all(rerank[0].id_ in ancestors(chat) for chat in chats)
