@@ -1,0 +1,112 @@
+"""Choose the local model's reranking settings on the Cranfield *tune* half, with as few LLM calls as possible.
+
+Each LLM configuration (window size, passage length) is run once with fusion off; every candidate's LLM score,
+label and retrieval rank/score are cached in JSONL (a rerun resumes). Fusion weights, retrieval signals and
+label-vs-logprob scoring are then swept offline through the library's own ``scoring.fuse`` and ``order``, so the
+numbers are exactly what ``LikelihoodRerank(retrieval_weight=w, ...)`` would produce.
+
+    python benchmarks/tune_local.py --limit-queries 30 --top-k 10 \
+        --config window_size=10,max_passage_tokens=128 --config window_size=1,max_passage_tokens=128
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+from pathlib import Path
+
+from tqdm import tqdm
+
+from llama_rerank import LikelihoodRerank
+from llama_rerank.eval.datasets import load_dataset, select_queries
+from llama_rerank.eval.metrics import NDCG, doc_ranking, paired_tests, per_query
+from llama_rerank.eval.run import build_index, fingerprint
+from llama_rerank.eval.systems import parse_spec
+from llama_rerank.pipeline import DATA_DIR, default_embedding, make_llm
+from llama_rerank.scoring import fuse, order
+from llama_rerank.types import Candidate, Judgement
+
+WEIGHTS = [round(0.1 * i, 1) for i in range(11)]
+
+
+def judge_all(config: dict, query_ids: list[str], dataset, retriever, llm, top_k: int, cache: Path) -> dict[str, list[dict]]:
+    """Per query, the candidates in retrieval order with the LLM's score and label (cached by query and config)."""
+    done: dict[str, list[dict]] = {}
+    if cache.exists():
+        for line in cache.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                done[record["query_id"]] = record["candidates"]
+            except (ValueError, KeyError):
+                continue
+    reranker = LikelihoodRerank(llm=llm, top_n=top_k, **config)
+    with cache.open("a") as out:
+        for query_id in tqdm([q for q in query_ids if q not in done], desc=json.dumps(config), unit="query"):
+            nodes = retriever.retrieve(dataset.queries[query_id])
+            result = reranker.rerank(dataset.queries[query_id], nodes)
+            by_id = {n.node.node_id: n.node.metadata for n in result.nodes}
+            candidates = [{"doc": n.node.metadata["corpus_id"], "retrieval_score": n.score,
+                           "llm_score": by_id[n.node.node_id]["rerank_score"], "label": by_id[n.node.node_id]["rerank_label"],
+                           "wall_s": result.usage.wall_time_s} for n in nodes]  # fmt: skip
+            done[query_id] = candidates
+            out.write(json.dumps({"query_id": query_id, "candidates": candidates}) + "\n")
+            out.flush()
+    return done
+
+
+def ranking(candidates: list[dict], scale, scoring: str, weight: float, signal: str) -> list[str]:
+    cands = [Candidate(i, "", 0, c["retrieval_score"]) for i, c in enumerate(candidates)]
+    judgements = {}
+    for i, c in enumerate(candidates):
+        score = c["llm_score"] if scoring == "logprobs" or c["label"] is None else scale.score(c["label"])
+        judgements[i] = Judgement(c["label"], score, scoring)
+    final = fuse(cands, judgements, weight, signal)
+    return doc_ranking([candidates[c.index]["doc"] for c in order(cands, judgements, final, None)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--path", default=str(Path(__file__).resolve().parents[2] / "shared/data/cranfield"))
+    parser.add_argument("--queries-split", default="tune")
+    parser.add_argument("--limit-queries", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--config", action="append", default=[], help="LikelihoodRerank kwargs, e.g. window_size=1")
+    parser.add_argument("--out", default=str(DATA_DIR / "tuning"))
+    args = parser.parse_args()
+
+    dataset = load_dataset(args.path)
+    query_ids = select_queries(dataset, args.queries_split, args.limit_queries, args.seed)
+    embed = default_embedding()
+    fp = fingerprint(dataset, embed)
+    retriever = build_index(dataset, DATA_DIR / "eval" / f"{dataset.name}-{fp[:12]}", embed).as_retriever(similarity_top_k=args.top_k)
+    llm = make_llm("local")
+    first = {q: doc_ranking([n.node.metadata["corpus_id"] for n in retriever.retrieve(dataset.queries[q])]) for q in query_ids}
+    base = per_query(first, dataset.qrels, 10)
+    base_ndcg = [base[q][NDCG] for q in query_ids]
+    print(f"{len(query_ids)} {args.queries_split} queries, top-k {args.top_k}; first stage nDCG@10 {statistics.mean(base_ndcg):.4f}")
+    print(f"{'config':<44} {'scoring':<9} {'signal':<6} {'w':>4} {'nDCG@10':>8} {'delta':>7} {'p(t)':>6} {'s/query':>8}")
+    for config_text in args.config or ["window_size=10"]:
+        _, config = parse_spec("likelihood:" + config_text)
+        tag = hashlib.sha256(json.dumps([config, args.top_k, fp]).encode()).hexdigest()[:12]
+        cache = Path(args.out) / f"{tag}.jsonl"
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        judged = judge_all(config, query_ids, dataset, retriever, llm, args.top_k, cache)
+        scale = LikelihoodRerank(llm=llm, **config).scale
+        wall = statistics.mean(c[0]["wall_s"] for c in judged.values())
+        for scoring in ("logprobs", "label"):
+            for signal in ("rank", "score"):
+                for weight in WEIGHTS if signal == "rank" else WEIGHTS[1:-1]:
+                    runs = {q: ranking(judged[q], scale, scoring, weight, signal) for q in query_ids}
+                    values = per_query(runs, dataset.qrels, 10)
+                    ndcg = [values[q][NDCG] for q in query_ids]
+                    p = paired_tests(ndcg, base_ndcg)["ttest_rel"]
+                    print(f"{config_text:<44} {scoring:<9} {signal:<6} {weight:>4.1f} {statistics.mean(ndcg):>8.4f} "
+                          f"{statistics.mean(ndcg) - statistics.mean(base_ndcg):>+7.4f} "
+                          f"{p if p is None else round(p, 3)!s:>6} {wall:>8.1f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
