@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench
+.PHONY: demo test test-fast bench notebooks
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,3 +22,13 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# Benchmarks (scripts that print tables; see docs/PERFORMANCE.md). embedded.py runs the real local LLM for minutes.
+bench: $(STAMP)
+	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/orchestration.py
+	$(PY) benchmarks/embedded.py
+
+# Re-run the notebooks and store their outputs (what readers see on the web).
+notebooks: $(STAMP)
+	cd notebooks && $(abspath $(VENV))/bin/jupyter-execute --inplace --timeout=900 quickstart.ipynb evaluation.ipynb

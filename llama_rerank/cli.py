@@ -55,7 +55,7 @@ def _add_rerank(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model name to ask a server URL for")
     parser.add_argument("--top-k", type=int, default=10, help="candidates from the first stage (default: %(default)s)")
     parser.add_argument("--top-n", type=int, default=3, help="passages kept after reranking (default: %(default)s)")
-    parser.add_argument("--window-size", type=int, default=10, help="candidates per LLM call (default: %(default)s)")
+    parser.add_argument("--window-size", type=int, default=None, help="candidates per LLM call (default: tuned for --llm local, else 10)")
     parser.add_argument("--no-answer", action="store_true", help="only show the rankings, do not synthesize an answer")
 
 
@@ -118,7 +118,10 @@ def _run(args: argparse.Namespace) -> int:
         texts = [args.text]
     index = store.load_index(args.store, embed_model, collection=args.collection)
     llm = pipeline.make_llm(args.llm, model=args.model)
-    reranker = LikelihoodRerank(llm=llm, top_n=args.top_n, window_size=args.window_size)
+    settings = {**pipeline.reranker_defaults(args.llm), "top_n": args.top_n}
+    if args.window_size is not None:
+        settings["window_size"] = args.window_size
+    reranker = LikelihoodRerank(llm=llm, **settings)
     for text in texts:
         print()
         print(format_report(pipeline.run_query(index, reranker, text, top_k=args.top_k, answer=not args.no_answer)))

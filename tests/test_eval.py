@@ -362,3 +362,16 @@ def test_eval_command_end_to_end(beir_dir, tmp_path, monkeypatch, capsys):
         assert data["systems"][name]["failures"] == 0 and data["systems"][name]["prompt_tokens"] > 0
     assert cli.main(["eval", str(tmp_path / "store"), "--systems", "first-stage", "--store", str(tmp_path / "s2")]) == 1
     assert "EvalError: " in capsys.readouterr().err
+
+
+def test_local_defaults_apply_to_likelihood_systems_under_their_own_parameters():
+    from llama_rerank.eval import systems
+
+    llm = ScriptedLLM(lambda p, c: "")
+    defaults = {"retrieval_weight": 0.5, "window_size": 2}
+    assert systems.build("likelihood", llm, 10, defaults).retrieval_weight == 0.5
+    assert systems.build("likelihood:retrieval_weight=0", llm, 10, defaults).retrieval_weight == 0
+    assert systems.build("likelihood-label", llm, 10, defaults).window_size == 2
+    assert systems.build("first-stage", llm, 10, defaults) is None
+    assert systems.effective("likelihood", defaults) != systems.effective("likelihood", {})  # cache keys differ
+    assert systems.effective("first-stage", defaults) == "first-stage"

@@ -138,7 +138,7 @@ def build_index(dataset: Dataset, location: str | Path, embed_model: BaseEmbeddi
 
 
 def cache_key(system: str, llm_name: str, query: str, candidate_ids: Sequence[str]) -> str:
-    data = json.dumps([systems.canonical(system), llm_name, query, list(candidate_ids)], ensure_ascii=False)
+    data = json.dumps([system, llm_name, query, list(candidate_ids)], ensure_ascii=False)
     return hashlib.sha256(data.encode()).hexdigest()
 
 
@@ -245,12 +245,13 @@ def evaluate(
     index = build_index(dataset, location, embed_model, progress)
     if llm is None and any(systems.needs_llm(s) for s in system_specs):
         llm = pipeline.make_llm(llm_spec)
-    rerankers = {spec: systems.build(spec, llm, top_k) for spec in system_specs}
+    defaults = pipeline.reranker_defaults(llm_spec)
+    rerankers = {spec: systems.build(spec, llm, top_k, defaults) for spec in system_specs}
     llm_name = f"{llm_spec}|{llm.metadata.model_name}" if llm is not None else ""
     config = {
         "path": str(path), "format": dataset.format, "split": split, "queries_split": queries_split,
         "limit_queries": limit_queries, "seed": seed, "queries": len(query_ids), "systems": list(system_specs),
-        "top_k": top_k, "top_n": top_n, "llm": llm_spec if llm is not None else None,
+        "top_k": top_k, "top_n": top_n, "likelihood_defaults": defaults, "llm": llm_spec if llm is not None else None,
         "llm_model": llm.metadata.model_name if llm is not None else None, "embed_model": embed_model.model_name,
         "chunk_size": CHUNK_SIZE, "chunk_overlap": CHUNK_OVERLAP, "store": location, "cache": str(cache_dir),
         "corpus_fingerprint": fp,
@@ -270,7 +271,7 @@ def evaluate(
             retrieval_s = time.perf_counter() - started
             ids = [n.node.node_id for n in candidates]
             for spec, reranker in rerankers.items():
-                key = cache_key(spec, llm_name if reranker is not None else "", query, ids)
+                key = cache_key(systems.effective(spec, defaults), llm_name if reranker is not None else "", query, ids)
                 result = cached.get(key)
                 if result is None:
                     result = rerank_query(reranker, query, candidates, counter)

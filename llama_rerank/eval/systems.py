@@ -81,7 +81,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def canonical(spec: str) -> str:
-    """One spelling per configuration (parameters sorted), used in cache keys."""
+    """One spelling per configuration (parameters sorted)."""
     name, params = parse_spec(spec)
     return name + (":" + json.dumps(params, sort_keys=True) if params else "")
 
@@ -90,9 +90,20 @@ def needs_llm(spec: str) -> bool:
     return parse_spec(spec)[0] != FIRST_STAGE
 
 
-def build(spec: str, llm: LLM | None, top_k: int) -> BaseNodePostprocessor | None:
+def effective(spec: str, defaults: dict[str, Any]) -> str:
+    """``spec`` with ``defaults`` (e.g. the local model's tuned settings) under its own parameters, for the
+    ``likelihood`` systems; this spelling is what the cache keys on."""
+    name, params = parse_spec(spec)
+    if not name.startswith("likelihood") or not defaults:
+        return canonical(spec)
+    return name + ":" + json.dumps({**defaults, **params}, sort_keys=True)
+
+
+def build(spec: str, llm: LLM | None, top_k: int, defaults: dict[str, Any] | None = None) -> BaseNodePostprocessor | None:
     """The postprocessor for ``spec`` (``None`` for the first stage); a bad parameter raises ``EvalError``."""
     name, params = parse_spec(spec)
+    if name.startswith("likelihood"):
+        params = {**(defaults or {}), **params}
     try:
         return SYSTEMS[name](llm, top_k, **params)
     except (TypeError, ValueError) as exc:
