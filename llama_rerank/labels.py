@@ -71,8 +71,5 @@ class LabelScale:
             return None
         return sum(p * self.score(label) for label, p in probabilities.items()) / total
 
-    def as_dict(self) -> dict[str, float]:
-        return dict(zip(self.labels, self.values))
-
     def __str__(self) -> str:
         return ", ".join(f"{label}={value:g}" for label, value in zip(self.labels, self.values))
