@@ -56,13 +56,11 @@ def judge_all(config: dict, query_ids: list[str], dataset, retriever, llm, top_k
     return done
 
 
-def ranking(candidates: list[dict], scale, scoring: str, weight: float, signal: str) -> list[str]:
+def ranking(candidates: list[dict], scale, scoring: str, weight: float, signal: str, norm: bool) -> list[str]:
     cands = [Candidate(i, "", 0, c["retrieval_score"]) for i, c in enumerate(candidates)]
-    judgements = {}
-    for i, c in enumerate(candidates):
-        score = c["llm_score"] if scoring == "logprobs" or c["label"] is None else scale.score(c["label"])
-        judgements[i] = Judgement(c["label"], score, scoring)
-    final = fuse(cands, judgements, weight, signal)
+    scores = [c["llm_score"] if scoring == "logprobs" or c["label"] is None else scale.score(c["label"]) for c in candidates]
+    judgements = {i: Judgement(c["label"], scores[i], scoring) for i, c in enumerate(candidates)}
+    final = fuse(cands, judgements, weight, signal, normalize=norm)
     return doc_ranking([candidates[c.index]["doc"] for c in order(cands, judgements, final, None)])
 
 
@@ -87,7 +85,7 @@ def main() -> None:
     base = per_query(first, dataset.qrels, 10)
     base_ndcg = [base[q][NDCG] for q in query_ids]
     print(f"{len(query_ids)} {args.queries_split} queries, top-k {args.top_k}; first stage nDCG@10 {statistics.mean(base_ndcg):.4f}")
-    print(f"{'config':<44} {'scoring':<9} {'signal':<6} {'w':>4} {'nDCG@10':>8} {'delta':>7} {'p(t)':>6} {'s/query':>8}")
+    print(f"{'config':<44} {'scoring':<12} {'signal':<6} {'w':>4} {'nDCG@10':>8} {'delta':>7} {'p(t)':>6} {'s/query':>8}")
     for config_text in args.config or ["window_size=10"]:
         _, config = parse_spec("likelihood:" + config_text)
         tag = hashlib.sha256(json.dumps([config, args.top_k, fp]).encode()).hexdigest()[:12]
@@ -96,14 +94,14 @@ def main() -> None:
         judged = judge_all(config, query_ids, dataset, retriever, llm, args.top_k, cache)
         scale = LikelihoodRerank(llm=llm, **config).scale
         wall = statistics.mean(c[0]["wall_s"] for c in judged.values())
-        for scoring in ("logprobs", "label"):
+        for scoring, norm in (("logprobs", False), ("logprobs", True), ("label", False)):
             for signal in ("rank", "score"):
                 for weight in WEIGHTS if signal == "rank" else WEIGHTS[1:-1]:
-                    runs = {q: ranking(judged[q], scale, scoring, weight, signal) for q in query_ids}
+                    runs = {q: ranking(judged[q], scale, scoring, weight, signal, norm) for q in query_ids}
                     values = per_query(runs, dataset.qrels, 10)
                     ndcg = [values[q][NDCG] for q in query_ids]
                     p = paired_tests(ndcg, base_ndcg)["ttest_rel"]
-                    print(f"{config_text:<44} {scoring:<9} {signal:<6} {weight:>4.1f} {statistics.mean(ndcg):>8.4f} "
+                    print(f"{config_text:<44} {scoring + ('+mm' if norm else ''):<12} {signal:<6} {weight:>4.1f} {statistics.mean(ndcg):>8.4f} "
                           f"{statistics.mean(ndcg) - statistics.mean(base_ndcg):>+7.4f} "
                           f"{p if p is None else round(p, 3)!s:>6} {wall:>8.1f}")  # fmt: skip
 

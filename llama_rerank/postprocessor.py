@@ -89,6 +89,10 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         default="rank", description="What fusion mixes in: 'rank' (1 for the first candidate .. 0 for the last) or "
         "'score' (retrieval scores min-max normalised over the candidates).",
     )  # fmt: skip
+    normalize: bool = Field(
+        default=False, description="Min-max normalise the LLM scores over each query's candidates before fusion, so "
+        "retrieval_weight means the same whatever range a weak LLM's scores span.",
+    )  # fmt: skip
     tokenizer: Optional[Callable[[str], Sequence[Any]]] = Field(
         default=None, exclude=True, description="Token counter for budgets; default: the LLM's own if exposed, else cl100k."
     )
@@ -251,7 +255,7 @@ class _Run:
     def finish(self) -> None:
         """Order, cut and copy the nodes into ``result``; textless nodes follow the judged ones."""
         owner = self.owner
-        final = fuse(self.candidates, self.judgements, owner.retrieval_weight, owner.retrieval_signal)
+        final = fuse(self.candidates, self.judgements, owner.retrieval_weight, owner.retrieval_signal, owner.normalize)
         ranked = order(self.candidates, self.judgements, final, owner._cutoff())
         chosen = [(c.index, self.judgements[c.index], final[c.index]) for c in ranked]
         floor = owner._scale.values[0]

@@ -84,10 +84,20 @@ def retrieval_signal(candidates: Sequence[Candidate], kind: str) -> dict[int, fl
     return {c.index: 1.0 - i / last for i, c in enumerate(candidates)}
 
 
-def fuse(candidates: Sequence[Candidate], judgements: dict[int, Judgement], weight: float, kind: str) -> dict[int, float]:
-    """Final scores: ``(1 - weight) * LLM score + weight * retrieval signal`` (the LLM score alone at weight 0)."""
+def fuse(
+    candidates: Sequence[Candidate], judgements: dict[int, Judgement], weight: float, kind: str, normalize: bool = False
+) -> dict[int, float]:
+    """Final scores: ``(1 - weight) * LLM score + weight * retrieval signal`` (the LLM score alone at weight 0).
+
+    With ``normalize`` the LLM scores are min-max normalised over the query's candidates first, so that a weight
+    means the same on a query whose LLM scores span 0.40-0.45 as on one whose scores span 0-1.
+    """
+    llm = {c.index: judgements[c.index].score for c in candidates}
+    if normalize and llm and max(llm.values()) > min(llm.values()):
+        low, high = min(llm.values()), max(llm.values())
+        llm = {index: (score - low) / (high - low) for index, score in llm.items()}
     signal = retrieval_signal(candidates, kind) if weight else {}
-    return {c.index: (1 - weight) * judgements[c.index].score + weight * signal.get(c.index, 0.0) for c in candidates}
+    return {c.index: (1 - weight) * llm[c.index] + weight * signal.get(c.index, 0.0) for c in candidates}
 
 
 def order(

@@ -12,6 +12,8 @@ from llama_index.core.prompts import PromptTemplate
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
 
 from conftest import make_nodes
+from llama_index.core.base.llms.types import LogProb
+
 from fakes import Reply, ScriptedLLM, label_by_keyword, passages, tokens_with_logprobs
 from llama_rerank import LikelihoodRerank, RerankLLMError
 
@@ -399,3 +401,18 @@ def test_llm_spans_nest_under_the_rerank_span_in_worker_threads(nodes):
             yield span.id_
 
     assert all(rerank[0].id_ in ancestors(chat) for chat in chats)
+
+
+def test_normalize_rescales_a_narrow_llm_score_range_before_fusion():
+    import math
+
+    alternatives = {"likely": {"likely": math.log(0.5), "very": math.log(0.3), "unlikely": math.log(0.2)}}
+    narrow = Reply("[1] likely\n[2] likely", tokens_with_logprobs("[1] likely\n[2] likely", alternatives))
+    narrow.logprobs[-1] = [LogProb(token=" likely", logprob=math.log(0.5)), LogProb(token=" very", logprob=math.log(0.4)),
+                           LogProb(token=" unlikely", logprob=math.log(0.1))]  # passage 2 a little better than 1
+    llm = ScriptedLLM(lambda p, c: narrow)
+    nodes = make_nodes(["a", "b"])
+    raw = LikelihoodRerank(llm=llm, retrieval_weight=0.3).rerank("q", nodes).nodes
+    assert texts(raw) == ["a", "b"]  # a 0.05 LLM difference cannot beat the rank signal
+    scaled = LikelihoodRerank(llm=llm, retrieval_weight=0.3, normalize=True).rerank("q", nodes).nodes
+    assert texts(scaled) == ["b", "a"] and scaled[0].score == pytest.approx(0.7)
