@@ -56,7 +56,8 @@ def make_llm(spec: str = "local", model: str | None = None, context_window: int 
 
 # The bundled 1.5B model is a weak relevance judge; these settings were chosen on the Cranfield tune half
 # (docs/EVALUATION.md) so that it refines the first-stage order instead of replacing it.
-LOCAL_RERANK_SETTINGS: dict[str, Any] = {"max_passage_tokens": 128, "retrieval_weight": 0.5, "normalize": True}
+# A CPU server queues requests rather than failing them, so its calls get a long timeout (a retry would only queue).
+LOCAL_RERANK_SETTINGS: dict[str, Any] = {"max_passage_tokens": 128, "retrieval_weight": 0.5, "normalize": True, "timeout": 900}
 
 
 def reranker_defaults(llm_spec: str) -> dict[str, Any]:
