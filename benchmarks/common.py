@@ -139,8 +139,11 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(headers)]
     out = ["| " + " | ".join(str(h).ljust(w) for h, w in zip(headers, widths)) + " |"]
     out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    out += ["| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    out += ["| " + " | ".join(c.rjust(w) if _NUMERIC.match(c) else c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     return "\n".join(out)
+
+
+_NUMERIC = re.compile(r"^[-+]?[\d,.]+\s*(%|x|×|s|ms)?$")
 
 
 def _cell(value: object) -> str:

@@ -141,13 +141,19 @@ class SimulatedLLM(CustomLLM):
     _count: Callable[[str], int] = PrivateAttr()
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _meter: Meter = PrivateAttr(default_factory=Meter)
+    _slots: Any = PrivateAttr(default=None)
+    _longest: float = PrivateAttr(default=0.0)
 
-    def __init__(self, latency: Latency, **kwargs: Any) -> None:
+    def __init__(self, latency: Latency, slots: int | None = None, **kwargs: Any) -> None:
+        """``slots``: serve at most this many calls at once, the rest wait in a queue (sync calls only), like a
+        llama.cpp server with that many slots; a call whose client stopped waiting is still served to the end."""
         super().__init__(**kwargs)
         from llama_index.core.utils import get_tokenizer
 
         tokenizer = get_tokenizer()  # tiktoken cl100k_base, bundled with llama-index-core
         self._latency = latency
+        self._slots = threading.Semaphore(slots) if slots else None
+        self._longest = 0.0
         self._count = lambda text: len(tokenizer(text))
 
     @property
@@ -207,14 +213,31 @@ class SimulatedLLM(CustomLLM):
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=answer))
 
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        started = time.perf_counter()
         answer, delay = self._begin(messages)
         try:
-            time.sleep(delay)
+            if self._slots is not None:
+                with self._slots:  # queued until a slot is free, then served
+                    time.sleep(delay)
+            else:
+                time.sleep(delay)
         finally:
             self._end()
+            with self._lock:
+                self._longest = max(self._longest, time.perf_counter() - started)
         return self._response(answer)
 
+    def longest_call(self, reset: bool = True) -> float:
+        """Longest time from a sync call's arrival to its answer (queueing included), in seconds."""
+        with self._lock:
+            longest = self._longest
+            if reset:
+                self._longest = 0.0
+        return longest
+
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        if self._slots is not None:
+            raise NotImplementedError("the single-slot simulation covers sync calls only")
         answer, delay = self._begin(messages)
         try:
             await asyncio.sleep(delay)

@@ -57,8 +57,25 @@ def truncation_ms(reranker: LikelihoodRerank, passages: list[str], reps: int) ->
     return median(times)
 
 
-def profile(k: int, words: int) -> str:
-    """cProfile of 3 reranks at K, with max_concurrency=1 and timeout=None so all work is on the profiled thread."""
+STAGES = [  # (label, file suffix, function): cumulative time of these functions inside rerank()
+    ("rerank() total", "llama_rerank/postprocessor.py", "rerank"),
+    ("  prepare: dedup, get_content, truncate, pack windows", "llama_rerank/postprocessor.py", "__init__"),
+    ("    of which truncate() (tiktoken encode)", "llama_rerank/budget.py", "truncate"),
+    ("    of which pack_windows()", "llama_rerank/budget.py", "pack_windows"),
+    ("  judge: all windows", "llama_rerank/engine.py", "judge"),
+    ("    render prompts (ChatPromptTemplate)", "llama_rerank/prompts.py", "render"),
+    ("    LLMCaller.call incl. tenacity (and the fake LLM)", "llama_rerank/llm.py", "call"),
+    ("    the fake LLM itself (subtract)", "fake_llms.py", "chat"),
+    ("    read answer: parse + score", "llama_rerank/engine.py", "_read"),
+    ("  finish: fuse, order, copy nodes", "llama_rerank/postprocessor.py", "finish"),
+]
+
+
+def profile(k: int, words: int) -> tuple[str, str]:
+    """cProfile of 3 reranks at K, with max_concurrency=1 and timeout=None so all work is on the profiled thread.
+
+    Returns a stage table (ms per query, cumulative) and the raw top functions.
+    """
     _, passages = make_passages(k, words)
     nodes = nodes_for(passages)
     llm = InstantLLM()
@@ -69,12 +86,50 @@ def profile(k: int, words: int) -> str:
     for _ in range(3):
         reranker.rerank(QUERY, nodes)
     prof.disable()
+    stats = pstats.Stats(prof)
+    rows = []
+    for label, suffix, func in STAGES:
+        ct = sum(v[3] for (f, _, name), v in stats.stats.items() if f.endswith(suffix) and name == func)
+        rows.append([label, f"{ct / 3 * 1000:.1f}"])
     out = io.StringIO()
-    stats = pstats.Stats(prof, stream=out)
-    stats.sort_stats("cumulative").print_stats(r"llama_rerank|tiktoken|fake_llms|llama_index/core/(prompts|schema)", 22)
+    stats.stream = out
+    stats.sort_stats("tottime").print_stats(12)
     lines = out.getvalue().splitlines()
     start = next(i for i, line in enumerate(lines) if line.strip().startswith("ncalls"))
-    return "\n".join(lines[start - 2 :]).rstrip()
+    return table(["stage (K=%d, cProfile, ms per query)" % k, "cumulative ms"], rows), "\n".join(lines[start:]).rstrip()
+
+
+COLD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from llama_rerank import LikelihoodRerank
+t1 = time.perf_counter()
+from common import make_passages, nodes_for
+from fake_llms import InstantLLM
+reranker = LikelihoodRerank(llm=InstantLLM(), top_n=5)
+nodes = nodes_for(make_passages(20, 150)[1])
+openai_before = "llama_index.llms.openai" in sys.modules
+t2 = time.perf_counter()
+reranker.rerank("wing in a slipstream", nodes)
+t3 = time.perf_counter()
+reranker.rerank("wing in a slipstream", nodes)
+t4 = time.perf_counter()
+print(json.dumps({"import": t1 - t0, "first": t3 - t2, "second": t4 - t3, "openai_before": openai_before,
+                  "openai_after": "llama_index.llms.openai" in sys.modules}))
+"""
+
+
+def cold_start(runs: int = 3) -> list[dict]:
+    """Fresh interpreters: time to import llama_rerank, first and second rerank at K=20 (wall seconds)."""
+    import json
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = []
+    for _ in range(runs):
+        done = subprocess.run([sys.executable, "-c", COLD], cwd=here, capture_output=True, text=True, check=True)
+        out.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return out
 
 
 def main() -> None:
@@ -127,8 +182,22 @@ def main() -> None:
     print("LLM reports no usage: the reranker then token-counts every rendered prompt and answer itself.")
     print("max_concurrency=1 timeout=None: no thread pool and no per-call timeout thread (everything on the caller's thread).")
     print()
-    print("Breakdown: cProfile, 3 reranks at K=100, max_concurrency=1, timeout=None (cumulative time; profiling inflates it)")
-    print(profile(100, args.words))
+    stages, top = profile(100, args.words)
+    print("Breakdown: cProfile over 3 reranks at K=100 with max_concurrency=1, timeout=None (so every stage runs on")
+    print("the profiled thread); profiling inflates times, compare the stages with each other, not with the table above.")
+    print(stages)
+    print()
+    print("Top functions by own time (same profile, all 3 reranks):")
+    print(top)
+    print()
+    cold = cold_start()
+    print("Cold start (fresh interpreter, K=20, instant LLM; wall ms, median of %d runs):" % len(cold))
+    print(table(
+        ["import llama_rerank", "first rerank", "second rerank", "llama_index.llms.openai imported by the first rerank"],
+        [[f"{median([c['import'] for c in cold]) * 1000:.0f}", f"{median([c['first'] for c in cold]) * 1000:.0f}",
+          f"{median([c['second'] for c in cold]) * 1000:.1f}",
+          "yes" if all(c["openai_after"] and not c["openai_before"] for c in cold) else "no"]],
+    ))  # fmt: skip
 
 
 if __name__ == "__main__":
