@@ -34,7 +34,7 @@ from llama_index.core.llms import LLM
 from llama_index.core.node_parser import SentenceSplitter
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, TextNode
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from llama_rerank import pipeline, store as stores
 from llama_rerank.errors import StoreError
