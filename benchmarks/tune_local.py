@@ -71,7 +71,8 @@ def main() -> None:
     parser.add_argument("--limit-queries", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--top-k", type=int, default=10)
-    parser.add_argument("--config", action="append", default=[], help="LikelihoodRerank kwargs, e.g. window_size=1")
+    parser.add_argument("--config", action="append", default=[],
+                        help="LikelihoodRerank kwargs: window_size=1,max_passage_tokens=128 or a JSON object")
     parser.add_argument("--out", default=str(DATA_DIR / "tuning"))
     args = parser.parse_args()
 
@@ -87,7 +88,7 @@ def main() -> None:
     print(f"{len(query_ids)} {args.queries_split} queries, top-k {args.top_k}; first stage nDCG@10 {statistics.mean(base_ndcg):.4f}")
     print(f"{'config':<44} {'scoring':<12} {'signal':<6} {'w':>4} {'nDCG@10':>8} {'delta':>7} {'p(t)':>6} {'s/query':>8}")
     for config_text in args.config or ["window_size=10"]:
-        _, config = parse_spec("likelihood:" + config_text)
+        config = json.loads(config_text) if config_text.startswith("{") else parse_spec("likelihood:" + config_text)[1]
         tag = hashlib.sha256(json.dumps([config, args.top_k, fp]).encode()).hexdigest()[:12]
         cache = Path(args.out) / f"{tag}.jsonl"
         cache.parent.mkdir(parents=True, exist_ok=True)
