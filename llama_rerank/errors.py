@@ -3,7 +3,8 @@
     LlamaRerankError            base of everything below; the CLI catches it
     ├── ScaleError (ValueError) a label scale that cannot work (duplicates, empty names, values outside [0, 1])
     ├── RerankLLMError          the LLM failed for a window after every retry, and on_error="raise"
-    └── StoreError              a vector store or input folder that cannot be used (ingest, query)
+    ├── StoreError              a vector store or input folder that cannot be used (ingest, query)
+    └── EvalError               (in ``llama_rerank.eval``) a dataset, system spec or option ``eval`` cannot use
 """
 
 from __future__ import annotations
