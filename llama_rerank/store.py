@@ -110,15 +110,14 @@ def _files(folder: Path) -> Iterator[Path]:
             yield path
 
 
-def _read(path: Path) -> list[Document]:
-    """Documents of one file; raises ``ValueError`` with the reason when it cannot be read as text."""
+def _read(path: Path, data: bytes) -> list[Document]:
+    """Documents of one file (``data`` is its content); raises ``ValueError`` saying why it cannot be read as text."""
     if path.suffix.lower() in READER_SUFFIXES:
         try:
             documents = SimpleDirectoryReader(input_files=[str(path)], raise_on_error=True).load_data()
         except Exception as exc:  # noqa: BLE001 - a reader's failure (corrupt file, missing package) skips the file
             raise ValueError(f"could not read it: {type(exc).__name__}: {exc}") from exc
     else:
-        data = path.read_bytes()
         if b"\x00" in data[:8192]:
             raise ValueError("binary file (no text reader for this type)")
         try:
@@ -172,18 +171,12 @@ def ingest(
                     if old_ids:  # a previous ingest was interrupted between write and delete
                         coll.delete(ids=old_ids)
                     continue
-                nodes = _chunks(_read(path), splitter, key, digest)
+                nodes = _chunks(_read(path, data), splitter, key, digest)
             except (OSError, ValueError) as exc:
                 report.skipped[key] = str(exc)
                 logger.warning("skipped %s: %s", path, exc)
                 continue
-            embeddings = embed_model.get_text_embedding_batch([n.get_content(metadata_mode="embed") for n in nodes])
-            coll.upsert(
-                ids=[n.node_id for n in nodes],
-                embeddings=embeddings,
-                documents=[n.get_content() for n in nodes],
-                metadatas=[_flat(n) for n in nodes],
-            )
+            write_nodes(coll, nodes, embed_model)
             if old_ids:
                 coll.delete(ids=old_ids)
             (report.replaced if old_ids else report.added).append(key)
@@ -204,11 +197,16 @@ def _chunks(documents: list[Document], splitter: SentenceSplitter, key: str, dig
     return nodes
 
 
-def _flat(node: BaseNode) -> dict[str, Any]:
-    """Chroma metadata: the node's own flat metadata plus LlamaIndex's serialised node (for retrieval)."""
+def write_nodes(coll: Any, nodes: list[BaseNode], embed_model: BaseEmbedding) -> None:
+    """Embed ``nodes`` and upsert them with LlamaIndex's serialised node as metadata (what retrieval reads back)."""
     from llama_index.core.vector_stores.utils import node_to_metadata_dict
 
-    return node_to_metadata_dict(node, remove_text=True, flat_metadata=True)
+    coll.upsert(
+        ids=[n.node_id for n in nodes],
+        embeddings=embed_model.get_text_embedding_batch([n.get_content(metadata_mode="embed") for n in nodes]),
+        documents=[n.get_content() for n in nodes],
+        metadatas=[node_to_metadata_dict(n, remove_text=True, flat_metadata=True) for n in nodes],
+    )
 
 
 def _prune(coll: Any, folder: Path, seen: set[str]) -> list[str]:

@@ -120,17 +120,9 @@ def build_index(dataset: Dataset, location: str | Path, embed_model: BaseEmbeddi
     todo = [node for node in nodes if node.node_id not in done]
     if done:
         logger.warning("completing the interrupted index in %s: %d of %d chunks to go", location, len(todo), len(nodes))
-    from llama_index.core.vector_stores.utils import node_to_metadata_dict
-
     batches = [todo[i : i + EMBED_BATCH] for i in range(0, len(todo), EMBED_BATCH)]
     for batch in tqdm(batches, desc=f"index {dataset.name}", unit="batch", disable=not progress):
-        texts = [node.get_content(metadata_mode="embed") for node in batch]
-        coll.upsert(
-            ids=[node.node_id for node in batch],
-            embeddings=embed_model.get_text_embedding_batch(texts),
-            documents=[node.get_content() for node in batch],
-            metadatas=[node_to_metadata_dict(node, remove_text=True, flat_metadata=True) for node in batch],
-        )
+        stores.write_nodes(coll, batch, embed_model)
     return stores.load_index(location, embed_model, collection=COLLECTION)
 
 
