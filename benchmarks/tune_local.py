@@ -25,14 +25,20 @@ from llama_rerank.eval.metrics import NDCG, doc_ranking, paired_tests, per_query
 from llama_rerank.eval.run import build_index, fingerprint
 from llama_rerank.eval.systems import parse_spec
 from llama_rerank.pipeline import DATA_DIR, default_embedding, make_llm
-from llama_rerank.scoring import fuse, order
+from llama_rerank.scoring import average_passes, fuse, order
 from llama_rerank.types import Candidate, Judgement
 
 WEIGHTS = [round(0.1 * i, 1) for i in range(11)]
 
 
-def judge_all(config: dict, query_ids: list[str], dataset, retriever, llm, top_k: int, cache: Path) -> dict[str, list[dict]]:
-    """Per query, the candidates in retrieval order with the LLM's score and label (cached by query and config)."""
+def judge_all(
+    config: dict, query_ids: list[str], dataset, retriever, llm, cache: Path, reverse: bool
+) -> dict[str, list[dict]]:
+    """Per query, the candidates in retrieval order with the LLM's score and label (cached by query and config).
+
+    With ``reverse`` the LLM sees the candidates in reversed order (the second pass of ``reverse_pass=True``); at
+    ``retrieval_weight=0`` the order they are given in changes nothing else.
+    """
     done: dict[str, list[dict]] = {}
     if cache.exists():
         for line in cache.read_text().splitlines():
@@ -41,11 +47,12 @@ def judge_all(config: dict, query_ids: list[str], dataset, retriever, llm, top_k
                 done[record["query_id"]] = record["candidates"]
             except (ValueError, KeyError):
                 continue
-    reranker = LikelihoodRerank(llm=llm, top_n=top_k, **config)
+    reranker = LikelihoodRerank(llm=llm, top_n=retriever.similarity_top_k, **config)
     with cache.open("a") as out:
-        for query_id in tqdm([q for q in query_ids if q not in done], desc=json.dumps(config), unit="query"):
+        label = json.dumps(config) + (" reversed" if reverse else "")
+        for query_id in tqdm([q for q in query_ids if q not in done], desc=label, unit="query"):
             nodes = retriever.retrieve(dataset.queries[query_id])
-            result = reranker.rerank(dataset.queries[query_id], nodes)
+            result = reranker.rerank(dataset.queries[query_id], nodes[::-1] if reverse else nodes)
             by_id = {n.node.node_id: n.node.metadata for n in result.nodes}
             candidates = [{"doc": n.node.metadata["corpus_id"], "retrieval_score": n.score,
                            "llm_score": by_id[n.node.node_id]["rerank_score"], "label": by_id[n.node.node_id]["rerank_label"],
@@ -56,12 +63,22 @@ def judge_all(config: dict, query_ids: list[str], dataset, retriever, llm, top_k
     return done
 
 
-def ranking(candidates: list[dict], scale, scoring: str, weight: float, signal: str, norm: bool) -> list[str]:
+def ranking(passes: list[list[dict]], scale, scoring: str, weight: float, signal: str, norm: bool) -> list[str]:
+    """The document ranking ``LikelihoodRerank`` returns with these settings, from one or two cached passes."""
+    candidates = passes[0]
     cands = [Candidate(i, "", 0, c["retrieval_score"]) for i, c in enumerate(candidates)]
-    scores = [c["llm_score"] if scoring == "logprobs" or c["label"] is None else scale.score(c["label"]) for c in candidates]
-    judgements = {i: Judgement(c["label"], scores[i], scoring) for i, c in enumerate(candidates)}
-    final = fuse(cands, judgements, weight, signal, normalize=norm)
-    return doc_ranking([candidates[c.index]["doc"] for c in order(cands, judgements, final, None)])
+
+    def judgements(records: list[dict]) -> dict[int, Judgement]:
+        return {
+            i: Judgement(c["label"], c["llm_score"] if scoring == "logprobs" or c["label"] is None else scale.score(c["label"]), scoring)
+            for i, c in enumerate(records)
+        }  # fmt: skip
+
+    judged = judgements(passes[0])
+    if len(passes) == 2:
+        judged = average_passes(judged, judgements(passes[1]))
+    final = fuse(cands, judged, weight, signal, normalize=norm)
+    return doc_ranking([candidates[c.index]["doc"] for c in order(cands, judged, final, None)])
 
 
 def main() -> None:
@@ -73,6 +90,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--config", action="append", default=[],
                         help="LikelihoodRerank kwargs: window_size=1,max_passage_tokens=128 or a JSON object")
+    parser.add_argument("--reverse", action="store_true", help="also judge in reversed order and sweep reverse_pass")
     parser.add_argument("--out", default=str(DATA_DIR / "tuning"))
     args = parser.parse_args()
 
@@ -89,22 +107,31 @@ def main() -> None:
     print(f"{'config':<44} {'scoring':<12} {'signal':<6} {'w':>4} {'nDCG@10':>8} {'delta':>7} {'p(t)':>6} {'s/query':>8}")
     for config_text in args.config or ["window_size=10"]:
         config = json.loads(config_text) if config_text.startswith("{") else parse_spec("likelihood:" + config_text)[1]
-        tag = hashlib.sha256(json.dumps([config, args.top_k, fp]).encode()).hexdigest()[:12]
-        cache = Path(args.out) / f"{tag}.jsonl"
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        judged = judge_all(config, query_ids, dataset, retriever, llm, args.top_k, cache)
+        passes = []
+        for reverse in (False, True)[: 1 + args.reverse]:
+            key = [config, args.top_k, fp] + (["reversed"] if reverse else [])
+            cache = Path(args.out) / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]}.jsonl"
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            passes.append(judge_all(config, query_ids, dataset, retriever, llm, cache, reverse))
         scale = LikelihoodRerank(llm=llm, **config).scale
-        wall = statistics.mean(c[0]["wall_s"] for c in judged.values())
-        for scoring, norm in (("logprobs", False), ("logprobs", True), ("label", False)):
-            for signal in ("rank", "score"):
-                for weight in WEIGHTS if signal == "rank" else WEIGHTS[1:-1]:
-                    runs = {q: ranking(judged[q], scale, scoring, weight, signal, norm) for q in query_ids}
-                    values = per_query(runs, dataset.qrels, 10)
-                    ndcg = [values[q][NDCG] for q in query_ids]
-                    p = paired_tests(ndcg, base_ndcg)["ttest_rel"]
-                    print(f"{config_text:<44} {scoring + ('+mm' if norm else ''):<12} {signal:<6} {weight:>4.1f} {statistics.mean(ndcg):>8.4f} "
-                          f"{statistics.mean(ndcg) - statistics.mean(base_ndcg):>+7.4f} "
-                          f"{p if p is None else round(p, 3)!s:>6} {wall:>8.1f}")  # fmt: skip
+        for n_passes in range(1, len(passes) + 1):
+            name = config_text + (" +reverse_pass" if n_passes == 2 else "")
+            wall = sum(statistics.mean(c[0]["wall_s"] for c in judged.values()) for judged in passes[:n_passes])
+            sweep(name, passes[:n_passes], scale, query_ids, dataset, base_ndcg, wall)
+
+
+def sweep(name: str, passes: list[dict], scale, query_ids: list[str], dataset, base_ndcg: list[float], wall: float) -> None:
+    """Print one row per scoring mode, fusion signal and weight."""
+    for scoring, norm in (("logprobs", False), ("logprobs", True), ("label", False)):
+        for signal in ("rank", "score"):
+            for weight in WEIGHTS if signal == "rank" else WEIGHTS[1:-1]:
+                runs = {q: ranking([judged[q] for judged in passes], scale, scoring, weight, signal, norm) for q in query_ids}
+                values = per_query(runs, dataset.qrels, 10)
+                ndcg = [values[q][NDCG] for q in query_ids]
+                p = paired_tests(ndcg, base_ndcg)["ttest_rel"]
+                print(f"{name:<44} {scoring + ('+mm' if norm else ''):<12} {signal:<6} {weight:>4.1f} {statistics.mean(ndcg):>8.4f} "
+                      f"{statistics.mean(ndcg) - statistics.mean(base_ndcg):>+7.4f} "
+                      f"{p if p is None else round(p, 3)!s:>6} {wall:>8.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 One window's steps are written once, as a generator that yields prompts and receives replies (or the error that
 ended the call); the sync path drives windows on a thread pool and the async path with ``asyncio`` tasks, both
-bounded by ``max_concurrency``. Windows are independent: labels are absolute, not relative to the window.
+bounded by ``max_concurrency``. Windows are independent: labels are absolute, not relative to the window. With
+``reverse_pass`` every window is judged a second time in reversed order, concurrently with the first pass, and
+the two scores are averaged.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from llama_rerank.labels import LabelScale
 from llama_rerank.llm import LLMCaller, LLMReply
 from llama_rerank.parse import parse_labels
 from llama_rerank.prompts import prompt_vars, render
-from llama_rerank.scoring import align_tokens, label_probabilities
+from llama_rerank.scoring import align_tokens, average_passes, label_probabilities
 from llama_rerank.types import Candidate, Judgement, RerankUsage
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class Judge:
     on_error: str
     max_concurrency: int
     encode: Encode
+    reverse_pass: bool = False
 
     def _steps(
         self, query: str, window: Sequence[Candidate], out: dict[int, Judgement], usage: RerankUsage
@@ -132,33 +135,40 @@ class Judge:
         except StopIteration:
             pass
 
+    def _jobs(self, windows: Sequence[Sequence[Candidate]]) -> tuple[list[tuple[Sequence[Candidate], dict, RerankUsage]], list[dict]]:
+        """Each window with the dict its judgements go to and its own usage; the reversed pass's windows follow.
+
+        A window of one passage has no order to reverse, so it is judged once.
+        """
+        passes: list[dict[int, Judgement]] = [{}, {}] if self.reverse_pass else [{}]
+        jobs = [(w, passes[0], RerankUsage()) for w in windows]
+        if self.reverse_pass:
+            jobs += [(w[::-1], passes[1], RerankUsage()) for w in windows if len(w) > 1]
+        return jobs, passes
+
+    def _merge(self, jobs: list[tuple[Sequence[Candidate], dict, RerankUsage]], passes: list[dict], usage: RerankUsage) -> dict[int, Judgement]:
+        for _, _, job_usage in jobs:
+            usage.add(job_usage)
+        return average_passes(*passes) if self.reverse_pass else passes[0]
+
     def judge(self, query: str, windows: Sequence[Sequence[Candidate]], usage: RerankUsage) -> dict[int, Judgement]:
         """Judge every candidate, windows in parallel on threads (safe inside a running event loop)."""
-        out: dict[int, Judgement] = {}
-        usages = [RerankUsage() for _ in windows]
-        workers = min(self.max_concurrency, len(windows))
+        jobs, passes = self._jobs(windows)
+        workers = min(self.max_concurrency, len(jobs))
         if workers <= 1:
-            for window, window_usage in zip(windows, usages):
-                self._run_window(query, window, out, window_usage)
+            for window, out, job_usage in jobs:
+                self._run_window(query, window, out, job_usage)
         else:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llama-rerank") as pool:
                 # each window runs in a copy of this context, so LlamaIndex spans nest under the rerank span
-                futures = [
-                    pool.submit(contextvars.copy_context().run, self._run_window, query, w, out, u)
-                    for w, u in zip(windows, usages)
-                ]
+                futures = [pool.submit(contextvars.copy_context().run, self._run_window, query, *job) for job in jobs]
                 for future in futures:
                     future.result()
-        for window_usage in usages:
-            usage.add(window_usage)
-        return out
+        return self._merge(jobs, passes, usage)
 
     async def ajudge(self, query: str, windows: Sequence[Sequence[Candidate]], usage: RerankUsage) -> dict[int, Judgement]:
         """Judge every candidate with concurrent async calls, at most ``max_concurrency`` at a time."""
-        out: dict[int, Judgement] = {}
-        usages = [RerankUsage() for _ in windows]
+        jobs, passes = self._jobs(windows)
         gate = asyncio.Semaphore(self.max_concurrency)
-        await asyncio.gather(*(self._arun_window(query, w, out, u, gate) for w, u in zip(windows, usages)))
-        for window_usage in usages:
-            usage.add(window_usage)
-        return out
+        await asyncio.gather(*(self._arun_window(query, *job, gate) for job in jobs))
+        return self._merge(jobs, passes, usage)

@@ -93,6 +93,10 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         default=False, description="Min-max normalise the LLM scores over each query's candidates before fusion, so "
         "retrieval_weight means the same whatever range a weak LLM's scores span.",
     )  # fmt: skip
+    reverse_pass: bool = Field(
+        default=False, description="Judge every window a second time with its passages in reverse order and average "
+        "the two scores, cancelling the LLM's bias for or against a position in the prompt. Twice the LLM calls.",
+    )  # fmt: skip
     tokenizer: Optional[Callable[[str], Sequence[Any]]] = Field(
         default=None, exclude=True, description="Token counter for budgets; default: the LLM's own if exposed, else cl100k."
     )
@@ -191,6 +195,7 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
             on_error=self.on_error,
             max_concurrency=self.max_concurrency,
             encode=self._encode,
+            reverse_pass=self.reverse_pass,
         )
 
     def _passage_budget(self, query: str) -> int:

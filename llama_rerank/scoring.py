@@ -71,6 +71,22 @@ def label_probabilities(
     return mass or None
 
 
+def average_passes(first: dict[int, Judgement], second: dict[int, Judgement]) -> dict[int, Judgement]:
+    """Merge two passes over the same candidates (forward and reversed order) to cancel the LLM's position bias.
+
+    A candidate labelled in both passes gets the mean score (and the first pass's label); one labelled in only one
+    pass keeps that pass's judgement; one labelled in neither keeps the first pass's (neutral) judgement.
+    """
+    merged = dict(first)
+    for index, other in second.items():
+        mine = first.get(index)
+        if mine is None or (mine.label is None and other.label is not None):
+            merged[index] = other
+        elif mine.label is not None and other.label is not None:
+            merged[index] = Judgement(mine.label, (mine.score + other.score) / 2, mine.status)
+    return merged
+
+
 def retrieval_signal(candidates: Sequence[Candidate], kind: str) -> dict[int, float]:
     """First-stage evidence in [0, 1]: min-max normalised retrieval score (``"score"``) or rank (``"rank"``, 1 first).
 

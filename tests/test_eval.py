@@ -176,6 +176,10 @@ def test_real_cranfield(cranfield_dir):
     sample = select_queries(data, "test", limit=5, seed=1)
     assert sample == select_queries(data, "test", limit=5, seed=1) and set(sample) <= set(test) and len(sample) == 5
     assert sample != select_queries(data, "test", limit=5, seed=2)
+    rest = select_queries(data, "test", exclude=set(sample))
+    assert len(rest) == 107 and not set(rest) & set(sample) and set(rest) <= set(test)
+    with pytest.raises(EvalError, match="no test query is left once the 112 excluded"):
+        select_queries(data, "test", exclude=set(test))
 
 
 # -- systems --------------------------------------------------------------------------------------------------
@@ -360,6 +364,20 @@ def test_eval_command_end_to_end(beir_dir, tmp_path, monkeypatch, capsys):
     assert data["systems"]["llm-rerank"]["nodes_appended"] > 0
     for name in systems[1:]:
         assert data["systems"][name]["failures"] == 0 and data["systems"][name]["prompt_tokens"] > 0
+    # --exclude-queries leaves out what an earlier run reported
+    partial = json.loads(out_json.read_text())
+    for entry in partial["systems"].values():
+        entry["per_query"] = {"q1": entry["per_query"]["q1"], "q2": entry["per_query"]["q2"]}
+    (tmp_path / "partial.json").write_text(json.dumps(partial))
+    rest_json = tmp_path / "rest.json"
+    argv = ["eval", str(beir_dir), "--systems", "first-stage", "--store", str(tmp_path / "store"),
+            "--exclude-queries", str(tmp_path / "partial.json"), "--json", str(rest_json)]  # fmt: skip
+    assert cli.main(argv) == 0
+    rest = json.loads(rest_json.read_text())
+    assert list(rest["systems"]["first-stage"]["per_query"]) == ["q3"] and rest["config"]["excluded_queries"] == 2
+    capsys.readouterr()
+    assert cli.main(argv[:-4] + ["--exclude-queries", str(beir_dir / "corpus.jsonl")]) == 1
+    assert "EvalError: --exclude-queries" in capsys.readouterr().err
     assert cli.main(["eval", str(tmp_path / "store"), "--systems", "first-stage", "--store", str(tmp_path / "s2")]) == 1
     assert "EvalError: " in capsys.readouterr().err
 

@@ -416,3 +416,45 @@ def test_normalize_rescales_a_narrow_llm_score_range_before_fusion():
     assert texts(raw) == ["a", "b"]  # a 0.05 LLM difference cannot beat the rank signal
     scaled = LikelihoodRerank(llm=llm, retrieval_weight=0.3, normalize=True).rerank("q", nodes).nodes
     assert texts(scaled) == ["b", "a"] and scaled[0].score == pytest.approx(0.7)
+
+
+# reversed second pass ----------------------------------------------------------------------------------------------
+
+
+def _first_is_unlikely(prompt: str, call: int) -> str:
+    """A position-biased judge: whatever comes first is 'unlikely', everything after it 'very likely'."""
+    return "\n".join(f"[{i}] {'unlikely' if i == 1 else 'very likely'}" for i in range(1, len(passages(prompt)) + 1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reverse_pass_averages_a_second_reversed_pass_and_cancels_position_bias(mode):
+    nodes = make_nodes(["a", "b", "c"])
+    once = run(LikelihoodRerank(llm=ScriptedLLM(_first_is_unlikely), top_n=3), nodes, mode=mode)
+    assert texts(once) == ["b", "c", "a"]  # 'a' pays for being first
+    llm = ScriptedLLM(_first_is_unlikely)
+    reranker = LikelihoodRerank(llm=llm, top_n=3, reverse_pass=True)
+    twice = run(reranker, nodes, mode=mode)
+    assert sorted("".join(t[-1] for t in passages(p)) for p in llm.prompts) == ["abc", "cba"]  # forward, reversed
+    assert texts(twice) == ["b", "a", "c"] and [n.score for n in twice] == [1.0, 0.5, 0.5]
+    assert reranker.last_usage.llm_calls == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reverse_pass_failure_keeps_the_other_pass_and_loses_nothing(mode, caplog):
+    def script(prompt, call):
+        return RuntimeError("reversed pass down") if passages(prompt)[0].endswith("c") else "[1] unlikely\n[2] likely\n[3] very likely"
+
+    reranker = LikelihoodRerank(llm=ScriptedLLM(script), top_n=3, reverse_pass=True, max_retries=0)
+    with caplog.at_level(logging.WARNING, logger="llama_rerank"):
+        result = run(reranker, make_nodes(["a", "b", "c"]), mode=mode)
+    assert texts(result) == ["c", "b", "a"] and [n.score for n in result] == [1.0, 0.5, 0.0]
+    assert reranker.last_usage.failed_windows == 1 and "reversed pass down" in caplog.text
+
+
+def test_reverse_pass_runs_alongside_the_first_and_skips_single_passage_windows(nodes):
+    llm = ScriptedLLM(_slow)
+    result = LikelihoodRerank(llm=llm, window_size=6, max_concurrency=4, top_n=12, reverse_pass=True).rerank("q", nodes)
+    assert len(llm.prompts) == 4 and llm.max_in_flight == 4 and len(result.nodes) == 12
+    single = ScriptedLLM(label_by_keyword({}))
+    LikelihoodRerank(llm=single, window_size=1, reverse_pass=True).rerank("q", make_nodes(["a", "b"]))
+    assert len(single.prompts) == 2

@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fixed half of the judged queries: tune = 1st, 3rd, 5th... in id order, test = 2nd, 4th... (default: %(default)s)")  # fmt: skip
     parser.add_argument("--limit-queries", type=int, default=None, help="evaluate a seeded random sample of N queries")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --limit-queries sample (default: %(default)s)")
+    parser.add_argument("--exclude-queries", type=Path, default=None, metavar="RESULTS.json",
+                        help="leave out the queries an earlier run's --json reported (e.g. a held-out sample already used)")
     parser.add_argument("--llm", default="local", help="'local' (default), 'openai:<model>' or an OpenAI-compatible server URL")
     parser.add_argument("--store", default=None, help="Chroma directory or URL for the corpus index (default: a per-corpus folder in the user data dir)")
     parser.add_argument("--cache", type=Path, default=None, help="folder of the per-query result cache (default: STORE/eval-cache)")
@@ -57,9 +59,11 @@ def command(args: argparse.Namespace, embed_model: Any) -> int:
     from llama_rerank.eval.run import evaluate
     from llama_rerank.eval.systems import split_systems
 
+    exclude = report.reported_queries(args.exclude_queries) if args.exclude_queries else set()
+
     run = evaluate(
         args.path, split_systems(args.systems), top_k=args.top_k, top_n=args.top_n, split=args.split,
-        queries_split=args.queries_split, limit_queries=args.limit_queries, seed=args.seed, llm_spec=args.llm,
+        queries_split=args.queries_split, limit_queries=args.limit_queries, seed=args.seed, exclude_queries=exclude, llm_spec=args.llm,
         store=args.store, cache=args.cache, embed_model=embed_model,
     )  # fmt: skip
     scores = metrics.score(run.results, run.dataset.qrels, args.top_n)

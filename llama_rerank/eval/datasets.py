@@ -13,7 +13,8 @@ Two layouts are read, detected from the files present:
 
 The queries evaluated are those with at least one judgment of gain > 0. ``--queries-split`` cuts them into two
 fixed halves: in id order (numeric ids by value, others as text after them), ``tune`` takes the 1st, 3rd, 5th, ...
-and ``test`` the 2nd, 4th, 6th, ...; ``--limit-queries`` then draws a seeded random sample of that list.
+and ``test`` the 2nd, 4th, 6th, ...; ``--exclude-queries`` removes the queries an earlier run reported (so a
+half can be evaluated again on queries never looked at), and ``--limit-queries`` then draws a seeded random sample.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
 
 from llama_rerank.eval import EvalError
 
@@ -119,15 +120,20 @@ def id_order(query_id: str) -> tuple[int, int, str]:
     return (0, int(query_id), "") if query_id.isdigit() else (1, 0, query_id)
 
 
-def select_queries(dataset: Dataset, queries_split: str = "all", limit: int | None = None, seed: int = 0) -> list[str]:
-    """Judged query ids in id order, cut to the fixed ``tune``/``test`` half, then a seeded sample of ``limit``."""
+def select_queries(
+    dataset: Dataset, queries_split: str = "all", limit: int | None = None, seed: int = 0, exclude: Collection[str] = ()
+) -> list[str]:
+    """Judged query ids in id order, cut to the fixed ``tune``/``test`` half, without ``exclude``, then a seeded
+    sample of ``limit``."""
     if queries_split not in QUERY_SPLITS:
         raise EvalError(f"unknown query split {queries_split!r}: use one of {', '.join(QUERY_SPLITS)}")
     judged = sorted((q for q, docs in dataset.qrels.items() if q in dataset.queries and any(g > 0 for g in docs.values())),
                     key=id_order)  # fmt: skip
     if not judged:
         raise EvalError(f"{dataset.name}: no query has a relevant judgment")
-    ids = {"all": judged, "tune": judged[0::2], "test": judged[1::2]}[queries_split]
+    ids = [q for q in {"all": judged, "tune": judged[0::2], "test": judged[1::2]}[queries_split] if q not in exclude]
+    if not ids:
+        raise EvalError(f"{dataset.name}: no {queries_split} query is left once the {len(exclude)} excluded ones are removed")
     if limit is not None and limit < len(ids):
         if limit < 1:
             raise EvalError(f"--limit-queries must be at least 1, got {limit}")

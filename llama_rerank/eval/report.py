@@ -12,11 +12,20 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from llama_rerank.eval import require
+from llama_rerank.eval import EvalError, require
 from llama_rerank.eval.metrics import MRR, NDCG, recall_key
 
 if TYPE_CHECKING:
     from llama_rerank.eval.run import EvalRun
+
+
+def reported_queries(path: Path) -> set[str]:
+    """The query ids an earlier results JSON reported (any system's ``per_query``)."""
+    try:
+        systems = json.loads(Path(path).read_text())["systems"]
+        return {query_id for system in systems.values() for query_id in system["per_query"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise EvalError(f"--exclude-queries {path}: not a results JSON written by llama-rerank eval --json ({exc!r})") from exc
 
 
 def _p(value: float | None) -> str:

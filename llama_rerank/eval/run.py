@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any, Collection, Sequence
 
 from llama_index.core import VectorStoreIndex
 from llama_index.core.base.embeddings.base import BaseEmbedding
@@ -215,6 +215,7 @@ def evaluate(
     queries_split: str = "all",
     limit_queries: int | None = None,
     seed: int = 0,
+    exclude_queries: Collection[str] = (),
     llm_spec: str = "local",
     store: str | Path | None = None,
     cache: str | Path | None = None,
@@ -228,7 +229,7 @@ def evaluate(
     for spec in system_specs:
         systems.parse_spec(spec)
     dataset = load_dataset(path, split)
-    query_ids = select_queries(dataset, queries_split, limit_queries, seed)
+    query_ids = select_queries(dataset, queries_split, limit_queries, seed, exclude_queries)
     embed_model = embed_model or pipeline.default_embedding()
     fp = fingerprint(dataset, embed_model)
     location = str(store or pipeline.DATA_DIR / "eval" / f"{dataset.name}-{fp[:12]}")
@@ -242,7 +243,7 @@ def evaluate(
     llm_name = f"{llm_spec}|{llm.metadata.model_name}" if llm is not None else ""
     config = {
         "path": str(path), "format": dataset.format, "split": split, "queries_split": queries_split,
-        "limit_queries": limit_queries, "seed": seed, "queries": len(query_ids), "systems": list(system_specs),
+        "limit_queries": limit_queries, "seed": seed, "excluded_queries": len(exclude_queries), "queries": len(query_ids), "systems": list(system_specs),
         "top_k": top_k, "top_n": top_n, "likelihood_defaults": defaults, "llm": llm_spec if llm is not None else None,
         "llm_model": llm.metadata.model_name if llm is not None else None, "embed_model": embed_model.model_name,
         "chunk_size": CHUNK_SIZE, "chunk_overlap": CHUNK_OVERLAP, "store": location, "cache": str(cache_dir),
