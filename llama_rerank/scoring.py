@@ -2,8 +2,9 @@
 
 With logprobs, a candidate's score is the expected value of the scale under the label distribution read at the
 token where its label starts (the top alternatives there, renormalised over those that begin a label); without
-them, or when the tokens cannot be aligned with the text, it is the label's value. Order is by score, ties keep
-retrieval order; unjudged candidates (label ``None``) are never cut by ``min_score``.
+them, or when the tokens cannot be aligned with the text, it is the label's value. A reversed second pass is
+averaged in; fusion mixes in the first-stage signal. Order is by final score, ties keep retrieval order; unjudged
+candidates (label ``None``) are never cut by ``min_score``.
 """
 
 from __future__ import annotations

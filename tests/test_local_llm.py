@@ -45,11 +45,13 @@ def test_local_llm_reranks_demo_queries_with_logprob_scores(demo_index):
         assert any(n.score not in reranker.scale.values for n in report.reranked)
 
 
-async def test_local_llm_async_path_and_answer(demo_index):
-    reranker = LikelihoodRerank(llm=make_llm("local"), top_n=2, window_size=4)
-    result = await reranker.arerank("How many grams fit in a 51 mm double basket?",
-                                    demo_index.as_retriever(similarity_top_k=4).retrieve("51 mm basket dose"))
-    assert len(result.nodes) == 2 and result.usage.llm_calls >= 1 and result.usage.prompt_tokens > 200
+async def test_local_llm_async_path_with_a_reversed_second_pass(demo_index):
+    reranker = LikelihoodRerank(llm=make_llm("local"), top_n=4, window_size=4, reverse_pass=True)
+    nodes = demo_index.as_retriever(similarity_top_k=4).retrieve("51 mm basket dose")
+    result = await reranker.arerank("How many grams fit in a 51 mm double basket?", nodes)
+    assert {n.node.node_id for n in result.nodes} == {n.node.node_id for n in nodes}
+    assert result.usage.llm_calls >= 2 and result.usage.prompt_tokens > 400 and result.usage.failed_windows == 0
+    assert all(n.node.metadata["rerank_label"] in reranker.scale.labels for n in result.nodes)
 
 
 def test_openai_code_path_against_the_local_openai_compatible_server(demo_index, monkeypatch):
