@@ -3,7 +3,9 @@
 Each LLM configuration (window size, passage length) is run once with fusion off; every candidate's LLM score,
 label and retrieval rank/score are cached in JSONL (a rerun resumes). Fusion weights, retrieval signals and
 label-vs-logprob scoring are then swept offline through the library's own ``scoring.fuse`` and ``order``, so the
-numbers are exactly what ``LikelihoodRerank(retrieval_weight=w, ...)`` would produce.
+numbers are exactly what ``LikelihoodRerank(retrieval_weight=w, ...)`` would produce. ``--reverse`` also judges
+each configuration with the candidates in reversed order and adds the rows of ``reverse_pass=True`` (the two passes
+averaged by the library's ``scoring.average_passes``); ``--prompt FILE`` swaps in another user message template.
 
     python benchmarks/tune_local.py --limit-queries 30 --top-k 10 \
         --config window_size=10,max_passage_tokens=128 --config window_size=1,max_passage_tokens=128
@@ -19,12 +21,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from llama_index.core.prompts import ChatPromptTemplate
+
 from llama_rerank import LikelihoodRerank
 from llama_rerank.eval.datasets import load_dataset, select_queries
 from llama_rerank.eval.metrics import NDCG, doc_ranking, paired_tests, per_query
 from llama_rerank.eval.run import build_index, fingerprint
 from llama_rerank.eval.systems import parse_spec
 from llama_rerank.pipeline import DATA_DIR, default_embedding, make_llm
+from llama_rerank.prompts import SYSTEM_PROMPT
 from llama_rerank.scoring import average_passes, fuse, order
 from llama_rerank.types import Candidate, Judgement
 
@@ -32,7 +37,7 @@ WEIGHTS = [round(0.1 * i, 1) for i in range(11)]
 
 
 def judge_all(
-    config: dict, query_ids: list[str], dataset, retriever, llm, cache: Path, reverse: bool
+    config: dict, query_ids: list[str], dataset, retriever, llm, cache: Path, reverse: bool, prompt: str | None
 ) -> dict[str, list[dict]]:
     """Per query, the candidates in retrieval order with the LLM's score and label (cached by query and config).
 
@@ -48,8 +53,10 @@ def judge_all(
             except (ValueError, KeyError):
                 continue
     reranker = LikelihoodRerank(llm=llm, top_n=retriever.similarity_top_k, **config)
+    if prompt is not None:
+        reranker.update_prompts({"rerank_prompt": ChatPromptTemplate.from_messages([("system", SYSTEM_PROMPT), ("user", prompt)])})
     with cache.open("a") as out:
-        label = json.dumps(config) + (" reversed" if reverse else "")
+        label = json.dumps(config) + (" reversed" if reverse else "") + (" own prompt" if prompt else "")
         for query_id in tqdm([q for q in query_ids if q not in done], desc=label, unit="query"):
             nodes = retriever.retrieve(dataset.queries[query_id])
             result = reranker.rerank(dataset.queries[query_id], nodes[::-1] if reverse else nodes)
@@ -90,6 +97,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--config", action="append", default=[],
                         help="LikelihoodRerank kwargs: window_size=1,max_passage_tokens=128 or a JSON object")
+    parser.add_argument("--prompt", type=Path, default=None, help="a user message template to use instead of the default's")
     parser.add_argument("--reverse", action="store_true", help="also judge in reversed order and sweep reverse_pass")
     parser.add_argument("--out", default=str(DATA_DIR / "tuning"))
     args = parser.parse_args()
@@ -105,17 +113,18 @@ def main() -> None:
     base_ndcg = [base[q][NDCG] for q in query_ids]
     print(f"{len(query_ids)} {args.queries_split} queries, top-k {args.top_k}; first stage nDCG@10 {statistics.mean(base_ndcg):.4f}")
     print(f"{'config':<44} {'scoring':<12} {'signal':<6} {'w':>4} {'nDCG@10':>8} {'delta':>7} {'p(t)':>6} {'s/query':>8}")
+    prompt = args.prompt.read_text() if args.prompt else None
     for config_text in args.config or ["window_size=10"]:
         config = json.loads(config_text) if config_text.startswith("{") else parse_spec("likelihood:" + config_text)[1]
         passes = []
         for reverse in (False, True)[: 1 + args.reverse]:
-            key = [config, args.top_k, fp] + (["reversed"] if reverse else [])
+            key = [config, args.top_k, fp] + (["reversed"] if reverse else []) + ([prompt] if prompt else [])
             cache = Path(args.out) / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]}.jsonl"
             cache.parent.mkdir(parents=True, exist_ok=True)
-            passes.append(judge_all(config, query_ids, dataset, retriever, llm, cache, reverse))
+            passes.append(judge_all(config, query_ids, dataset, retriever, llm, cache, reverse, prompt))
         scale = LikelihoodRerank(llm=llm, **config).scale
         for n_passes in range(1, len(passes) + 1):
-            name = config_text + (" +reverse_pass" if n_passes == 2 else "")
+            name = config_text + (f" +{args.prompt.name}" if prompt else "") + (" +reverse_pass" if n_passes == 2 else "")
             wall = sum(statistics.mean(c[0]["wall_s"] for c in judged.values()) for judged in passes[:n_passes])
             sweep(name, passes[:n_passes], scale, query_ids, dataset, base_ndcg, wall)
 

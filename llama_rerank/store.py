@@ -72,13 +72,20 @@ def _local_dir(store: str | Path) -> Path:
     return path
 
 
-def open_collection(store: str | Path, collection: str, embed_model: BaseEmbedding, create: bool) -> Any:
-    """The Chroma collection, checked to hold vectors of ``embed_model`` (named in its metadata)."""
+def open_collection(
+    store: str | Path, collection: str, embed_model: BaseEmbedding, create: bool, metadata: dict[str, Any] | None = None
+) -> Any:
+    """The Chroma collection, checked to hold vectors of ``embed_model`` (named in its metadata).
+
+    ``metadata`` is stored with a collection this call creates (e.g. a fingerprint of what it will hold).
+    """
     client = _client(store)
     name = embed_model.model_name
     try:
         if create:
-            coll = client.get_or_create_collection(collection, metadata={"embed_model": name, "hnsw:space": "cosine"})
+            coll = client.get_or_create_collection(
+                collection, metadata={**(metadata or {}), "embed_model": name, "hnsw:space": "cosine"}
+            )
         else:
             coll = client.get_collection(collection)
     except ValueError as exc:

@@ -99,10 +99,9 @@ def fingerprint(dataset: Dataset, embed_model: BaseEmbedding) -> str:
 def build_index(dataset: Dataset, location: str | Path, embed_model: BaseEmbedding, progress: bool = True) -> VectorStoreIndex:
     """The corpus index in ``location``: reused when complete, completed when interrupted, refused if foreign."""
     fp = fingerprint(dataset, embed_model)
-    client = stores._client(location)
     try:
-        coll = client.get_collection(COLLECTION)
-    except Exception:  # noqa: BLE001 - chromadb's NotFoundError differs across versions
+        coll = stores.open_collection(location, COLLECTION, embed_model, create=False)
+    except StoreError:  # none yet (or another embedding model's, which opening it to write below reports)
         coll = None
     if coll is not None:
         meta = coll.metadata or {}
@@ -114,8 +113,9 @@ def build_index(dataset: Dataset, location: str | Path, embed_model: BaseEmbeddi
         if coll.count() == meta.get("corpus_chunks"):
             return stores.load_index(location, embed_model, collection=COLLECTION)
     nodes = corpus_nodes(dataset)
-    coll = client.get_or_create_collection(COLLECTION, metadata={
-        "embed_model": embed_model.model_name, "hnsw:space": "cosine", "corpus_fingerprint": fp, "corpus_chunks": len(nodes)})  # fmt: skip
+    coll = stores.open_collection(
+        location, COLLECTION, embed_model, create=True, metadata={"corpus_fingerprint": fp, "corpus_chunks": len(nodes)}
+    )
     done = set(coll.get(include=[])["ids"])
     todo = [node for node in nodes if node.node_id not in done]
     if done:
