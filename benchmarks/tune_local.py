@@ -123,10 +123,34 @@ def main() -> None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             passes.append(judge_all(config, query_ids, dataset, retriever, llm, cache, reverse, prompt))
         scale = LikelihoodRerank(llm=llm, **config).scale
+        print(config_text, separation(passes, query_ids, dataset.qrels))
         for n_passes in range(1, len(passes) + 1):
             name = config_text + (f" +{args.prompt.name}" if prompt else "") + (" +reverse_pass" if n_passes == 2 else "")
             wall = sum(statistics.mean(c[0]["wall_s"] for c in judged.values()) for judged in passes[:n_passes])
             sweep(name, passes[:n_passes], scale, query_ids, dataset, base_ndcg, wall)
+
+
+def separation(passes: list[dict], query_ids: list[str], qrels) -> str:
+    """Mean within-query AUC (how often a relevant candidate outscores a non-relevant one of the same query) of the
+    dense score, of each pass's LLM score, and of the passes' average: the LLM's own signal, before any fusion."""
+    from scipy.stats import mannwhitneyu
+
+    def auc(score) -> float:
+        values = []
+        for q in query_ids:
+            cands = passes[0][q]
+            relevant = [qrels.get(q, {}).get(c["doc"], 0) > 0 for c in cands]
+            if 0 < sum(relevant) < len(cands):
+                pos = [score(q, i) for i, r in enumerate(relevant) if r]
+                neg = [score(q, i) for i, r in enumerate(relevant) if not r]
+                values.append(mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg)))
+        return statistics.mean(values)
+
+    parts = [f"dense {auc(lambda q, i: passes[0][q][i]['retrieval_score']):.3f}"]
+    parts += [f"pass {n + 1} {auc(lambda q, i: judged[q][i]['llm_score']):.3f}" for n, judged in enumerate(passes)]
+    if len(passes) == 2:
+        parts.append(f"average {auc(lambda q, i: passes[0][q][i]['llm_score'] + passes[1][q][i]['llm_score']):.3f}")
+    return "within-query AUC: " + ", ".join(parts)
 
 
 def sweep(name: str, passes: list[dict], scale, query_ids: list[str], dataset, base_ndcg: list[float], wall: float) -> None:
