@@ -22,7 +22,7 @@ def _snippet(text: str, width: int = WIDTH) -> str:
 def format_report(report: "QueryReport") -> str:  # noqa: F821 - imported lazily below
     """First-stage and reranked orders side by side, then the answer, timings and token counts."""
     rows = [f"Query: {report.query}", "",
-            f"{'#':>2}  {'first stage':<{WIDTH + 8}} | {'reranked':<8} {'label':<12} {'score':>5} {'was':>3}  passage",
+            f"{'#':>2}  {'first stage':<{WIDTH + 8}} | {'reranked':<8} {'label':<15} {'score':>5} {'was':>3}  passage",
             "-" * (WIDTH * 2 + 48)]  # fmt: skip
     for i in range(max(len(report.first_stage), len(report.reranked))):
         left = ""
@@ -33,7 +33,7 @@ def format_report(report: "QueryReport") -> str:  # noqa: F821 - imported lazily
         if i < len(report.reranked):
             node = report.reranked[i]
             meta = node.node.metadata
-            right = (f"{i + 1:<8} {meta['rerank_label'] or '-':<12} {node.score:>5.2f} {meta['retrieval_rank']:>3}  "
+            right = (f"{i + 1:<8} {meta['rerank_label'] or '-':<15} {node.score:>5.2f} {meta['retrieval_rank']:>3}  "
                      f"{_snippet(node.node.get_content())}")  # fmt: skip
         rows.append(f"{i + 1:>2}  {left:<{WIDTH + 8}} | {right}")
     if report.answer is not None:
