@@ -30,6 +30,7 @@ from llama_rerank.types import Candidate, Judgement, RerankUsage
 logger = logging.getLogger(__name__)
 
 Prompt = tuple[object, int]  # rendered prompt, answer max_tokens
+Job = tuple[Sequence[Candidate], dict[int, Judgement], RerankUsage]  # a window, where its judgements go, its usage
 WindowSteps = Generator[Prompt, "LLMReply | Exception", None]
 
 
@@ -135,7 +136,7 @@ class Judge:
         except StopIteration:
             pass
 
-    def _jobs(self, windows: Sequence[Sequence[Candidate]]) -> tuple[list[tuple[Sequence[Candidate], dict, RerankUsage]], list[dict]]:
+    def _jobs(self, windows: Sequence[Sequence[Candidate]]) -> tuple[list[Job], list[dict[int, Judgement]]]:
         """Each window with the dict its judgements go to and its own usage; the reversed pass's windows follow.
 
         A window of one passage has no order to reverse, so it is judged once.
@@ -146,7 +147,8 @@ class Judge:
             jobs += [(w[::-1], passes[1], RerankUsage()) for w in windows if len(w) > 1]
         return jobs, passes
 
-    def _merge(self, jobs: list[tuple[Sequence[Candidate], dict, RerankUsage]], passes: list[dict], usage: RerankUsage) -> dict[int, Judgement]:
+    def _merge(self, jobs: list[Job], passes: list[dict[int, Judgement]], usage: RerankUsage) -> dict[int, Judgement]:
+        """Add every job's usage into ``usage``; return the judgements, the two passes averaged when there are two."""
         for _, _, job_usage in jobs:
             usage.add(job_usage)
         return average_passes(*passes) if self.reverse_pass else passes[0]
