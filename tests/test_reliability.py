@@ -55,12 +55,15 @@ FAULTS = {
 }
 
 
+@pytest.mark.parametrize("reverse_pass", [False, True], ids=["one pass", "reverse pass"])
 @pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_fault_injection_invariants(fault, mode, caplog):
+def test_fault_injection_invariants(fault, mode, reverse_pass, caplog):
     script, log_text = FAULTS[fault]
     nodes = make_nodes([f"passage {i}" for i in range(7)])
-    reranker = LikelihoodRerank(llm=ScriptedLLM(script), top_n=5, window_size=3, timeout=0.3, max_retries=2)
+    reranker = LikelihoodRerank(
+        llm=ScriptedLLM(script), top_n=5, window_size=3, timeout=0.3, max_retries=2, reverse_pass=reverse_pass
+    )
     with caplog.at_level(logging.WARNING, logger="llama_rerank"):
         if mode == "sync":
             result = reranker.postprocess_nodes(nodes, query_str="q")
