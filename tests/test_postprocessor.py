@@ -458,3 +458,18 @@ def test_reverse_pass_runs_alongside_the_first_and_skips_single_passage_windows(
     single = ScriptedLLM(label_by_keyword({}))
     LikelihoodRerank(llm=single, window_size=1, reverse_pass=True).rerank("q", make_nodes(["a", "b"]))
     assert len(single.prompts) == 2
+
+
+def test_average_passes_keeps_whichever_pass_read_a_label():
+    from llama_rerank.scoring import average_passes
+    from llama_rerank.types import Judgement
+
+    first = {0: Judgement("likely", 0.5, "label"), 1: Judgement(None, 0.5, "failed"), 2: Judgement("unlikely", 0.2, "logprobs"),
+             3: Judgement(None, 0.5, "unparsed")}  # fmt: skip
+    second = {0: Judgement("very likely", 1.0, "label"), 1: Judgement("unlikely", 0.1, "logprobs"),
+              2: Judgement(None, 0.5, "unparsed"), 3: Judgement(None, 0.5, "failed")}  # fmt: skip
+    merged = average_passes(first, second)
+    assert merged[0] == Judgement("likely", 0.75, "label")  # both read: mean score, first pass's label
+    assert merged[1] == second[1] and merged[2] == first[2]  # one read: that pass stands
+    assert merged[3] == first[3]  # neither: the first pass's neutral judgement
+    assert average_passes(first, {}) == first  # windows of one passage have no second pass
