@@ -6,6 +6,7 @@ The CLI and the notebooks call these functions; they only reach the library thro
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -66,7 +67,7 @@ LOCAL_RERANK_SETTINGS: dict[str, Any] = {
 
 def reranker_defaults(llm_spec: str) -> dict[str, Any]:
     """``LikelihoodRerank`` settings that go with an ``--llm`` choice (the tuned ones for ``local``)."""
-    return dict(LOCAL_RERANK_SETTINGS) if llm_spec == "local" else {}
+    return copy.deepcopy(LOCAL_RERANK_SETTINGS) if llm_spec == "local" else {}
 
 
 def default_embedding() -> BaseEmbedding:

@@ -243,7 +243,8 @@ def evaluate(
     llm_name = f"{llm_spec}|{llm.metadata.model_name}" if llm is not None else ""
     config = {
         "path": str(path), "format": dataset.format, "split": split, "queries_split": queries_split,
-        "limit_queries": limit_queries, "seed": seed, "excluded_queries": len(exclude_queries), "queries": len(query_ids), "systems": list(system_specs),
+        "limit_queries": limit_queries, "seed": seed, "excluded_queries": len(exclude_queries), "queries": len(query_ids),
+        "systems": list(system_specs),
         "top_k": top_k, "top_n": top_n, "likelihood_defaults": defaults, "llm": llm_spec if llm is not None else None,
         "llm_model": llm.metadata.model_name if llm is not None else None, "embed_model": embed_model.model_name,
         "chunk_size": CHUNK_SIZE, "chunk_overlap": CHUNK_OVERLAP, "store": location, "cache": str(cache_dir),
