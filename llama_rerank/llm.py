@@ -46,7 +46,7 @@ class _Wait:
     """Exponential backoff with jitter, or the server's ``Retry-After`` when it gives one (capped at 60 s)."""
 
     def __init__(self) -> None:
-        self._backoff = wait_exponential_jitter(multiplier=0.5, max=8.0)
+        self._backoff = wait_exponential_jitter(initial=0.5, max=8.0)
 
     def __call__(self, state: RetryCallState) -> float:
         asked = _retry_after(state.outcome.exception() if state.outcome else None)
