@@ -16,7 +16,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterable, Sequence
 
-CRANFIELD = Path(os.environ.get("CRANFIELD_DIR", "/work/shared/data/cranfield"))
+# The Cranfield collection committed in the repository (data/cranfield), relative to the working directory so
+# that what the scripts print names no machine path.
+CRANFIELD = Path(os.path.relpath(Path(__file__).resolve().parents[1] / "data" / "cranfield"))
 
 
 # -- the machine ------------------------------------------------------------------------------------------------
@@ -63,32 +65,16 @@ def machine_header(title: str) -> str:
 # -- passages of real text ----------------------------------------------------------------------------------------
 
 
-def _cranfield_texts() -> list[str]:
+def text_source() -> tuple[str, list[str]]:
+    """(name, documents): the Cranfield abstracts, one text per document."""
     path = CRANFIELD / "cran.all.1400"
-    if not path.exists():
-        return []
     texts = []
     for record in re.split(r"^\.I \d+\s*$", path.read_text(encoding="utf-8", errors="replace"), flags=re.M)[1:]:
         body = record.split("\n.W\n", 1)[1] if "\n.W\n" in record else ""
         text = " ".join(body.split())
         if text:
             texts.append(text)
-    return texts
-
-
-def _demo_texts() -> list[str]:
-    from llama_rerank.pipeline import demo_corpus
-
-    folder, _ = demo_corpus()
-    return [" ".join(p.read_text(encoding="utf-8").split()) for p in sorted(folder.glob("*.md"))]
-
-
-def text_source() -> tuple[str, list[str]]:
-    """(name, documents): the Cranfield abstracts when present, else the bundled demo corpus."""
-    texts = _cranfield_texts()
-    if texts:
-        return f"Cranfield abstracts ({CRANFIELD / 'cran.all.1400'})", texts
-    return "the bundled demo corpus (Cranfield absent)", _demo_texts()
+    return f"Cranfield abstracts ({path})", texts
 
 
 def make_passages(count: int, words: int) -> tuple[str, list[str]]:

@@ -19,9 +19,8 @@ import json
 import statistics
 from pathlib import Path
 
-from tqdm import tqdm
-
 from llama_index.core.prompts import ChatPromptTemplate
+from tqdm import tqdm
 
 from llama_rerank import LikelihoodRerank
 from llama_rerank.eval.datasets import load_dataset, select_queries
@@ -32,6 +31,8 @@ from llama_rerank.pipeline import DATA_DIR, default_embedding, make_llm
 from llama_rerank.prompts import SYSTEM_PROMPT
 from llama_rerank.scoring import average_passes, fuse, order
 from llama_rerank.types import Candidate, Judgement
+
+from common import CRANFIELD  # benchmarks/common.py (scripts run as python benchmarks/NAME.py)
 
 WEIGHTS = [round(0.1 * i, 1) for i in range(11)]
 
@@ -90,7 +91,7 @@ def ranking(passes: list[list[dict]], scale, scoring: str, weight: float, signal
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--path", default=str(Path(__file__).resolve().parents[2] / "shared/data/cranfield"))
+    parser.add_argument("--path", default=str(CRANFIELD), help="the dataset folder (default: %(default)s)")
     parser.add_argument("--queries-split", default="tune")
     parser.add_argument("--limit-queries", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
