@@ -99,7 +99,7 @@ def run_query(
     reranked = time.perf_counter()
     text = None
     if answer:
-        response = get_response_synthesizer(llm=reranker.llm, response_mode="compact").synthesize(query, result.nodes)
+        response = get_response_synthesizer(llm=reranker._llm, response_mode="compact").synthesize(query, result.nodes)
         text = str(response).strip()
     done = time.perf_counter()
     timings = {"retrieve": retrieved - started, "rerank": reranked - retrieved, "answer": done - reranked}

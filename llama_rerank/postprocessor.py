@@ -7,23 +7,26 @@ emitting LlamaIndex's rerank events and callback around the work.
 
 from __future__ import annotations
 
+import difflib
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence
+from functools import lru_cache
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.base.llms.types import ChatMessage
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, SerializeAsAny, field_validator, model_validator
 from llama_index.core.callbacks import CBEventType, EventPayload
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
 from llama_index.core.llms import LLM
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
-from llama_index.core.prompts import BasePromptTemplate
+from llama_index.core.prompts import BasePromptTemplate, ChatPromptTemplate, PromptTemplate
 from llama_index.core.prompts.mixin import PromptDictType, PromptMixin, PromptMixinType
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 from llama_index.core.settings import Settings
 
-from llama_rerank.budget import SAFETY_MARGIN, answer_tokens, pack_windows, resolve_encoder, truncate
+from llama_rerank.budget import SAFETY_MARGIN, Encode, answer_tokens, pack_windows, resolve_encoder, truncate
 from llama_rerank.engine import Judge
 from llama_rerank.labels import DEFAULT_SCALE, LabelScale, normalise_label
 from llama_rerank.llm import LLMCaller
@@ -57,7 +60,13 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
     ...                                node_postprocessors=[LikelihoodRerank(llm=llm, top_n=5)])  # doctest: +SKIP
     """
 
-    llm: LLM = Field(default_factory=lambda: Settings.llm, description="The LLM that judges the candidates.")
+    llm: Optional[LLM] = Field(
+        default=None, description="The LLM that judges the candidates; None: Settings.llm, looked up when first used."
+    )
+    rerank_prompt: SerializeAsAny[BasePromptTemplate] = Field(
+        default_factory=lambda: DEFAULT_RERANK_PROMPT,
+        description="The listwise prompt; variables {query}, {num}, {labels}, {passages} (see llama_rerank.prompts).",
+    )
     top_n: int = Field(default=5, ge=1, description="How many nodes to return, best first.")
     window_size: int = Field(default=10, ge=1, description="Most candidates per LLM call (fewer when the context window is full).")
     label_scale: Dict[str, float] = Field(
@@ -101,33 +110,70 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         default=None, exclude=True, description="Token counter for budgets; default: the LLM's own if exposed, else cl100k."
     )
 
-    _scale: LabelScale = PrivateAttr()
-    _prompt: BasePromptTemplate = PrivateAttr(default=DEFAULT_RERANK_PROMPT)
-    _encode: Callable[[str], Sequence[Any]] = PrivateAttr()
+    _encoder: Optional[Tuple[LLM, Encode]] = PrivateAttr(default=None)
     _last_usage: Optional[RerankUsage] = PrivateAttr(default=None)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_options(cls, data: Any) -> Any:
+        """A misspelt option is an error naming the closest one, not a silent default (as in LlamaIndex's LLMRerank)."""
+        if isinstance(data, dict):
+            for name in data:
+                if name not in cls.model_fields and name != "class_name":
+                    close = difflib.get_close_matches(name, list(cls.model_fields), n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else f"; options: {', '.join(cls.model_fields)}"
+                    raise TypeError(f"LikelihoodRerank: unknown option {name!r}{hint}")
+        return data
+
+    @field_validator("rerank_prompt", mode="before")
+    @classmethod
+    def _prompt_from_dict(cls, value: Any) -> Any:
+        """Rebuild a prompt that ``to_dict()`` wrote (a PromptTemplate or a ChatPromptTemplate) for ``from_dict``."""
+        if not isinstance(value, dict):
+            return value
+        options = {"metadata": dict(value.get("metadata") or {}), "template_var_mappings": value.get("template_var_mappings"),
+                   **(value.get("kwargs") or {})}  # fmt: skip
+        options["prompt_type"] = options["metadata"].get("prompt_type", "custom")
+        if "message_templates" in value:
+            return ChatPromptTemplate([ChatMessage.model_validate(m) for m in value["message_templates"]], **options)
+        if "template" in value:
+            return PromptTemplate(value["template"], **options)
+        raise ValueError("rerank_prompt: a dict must be a dumped PromptTemplate ('template') or ChatPromptTemplate ('message_templates')")
+
     def model_post_init(self, __context: Any) -> None:
-        self._scale = LabelScale.from_mapping(self.label_scale)
-        if self.min_label is not None and normalise_label(self.min_label) not in self._scale.labels:
-            raise ValueError(f"min_label {self.min_label!r} is not on the label scale {list(self._scale.labels)}")
-        self._encode = self.tokenizer or resolve_encoder(self.llm)
+        self._cutoff()  # a bad label_scale or min_label fails here, at construction
 
     @classmethod
     def class_name(cls) -> str:
         return "LikelihoodRerank"
 
     def __repr__(self) -> str:
-        model = getattr(self.llm.metadata, "model_name", type(self.llm).__name__)
+        llm = "Settings.llm" if self.llm is None else f"{type(self.llm).__name__}({self.llm.metadata.model_name!r})"
         return (
-            f"LikelihoodRerank(llm={type(self.llm).__name__}({model!r}), top_n={self.top_n}, "
-            f"window_size={self.window_size}, scale=[{self._scale}], scoring={self.scoring!r}, "
+            f"LikelihoodRerank(llm={llm}, top_n={self.top_n}, "
+            f"window_size={self.window_size}, scale=[{self.scale}], scoring={self.scoring!r}, "
             f"max_concurrency={self.max_concurrency}, on_error={self.on_error!r})"
         )
 
     @property
     def scale(self) -> LabelScale:
-        """The validated label scale, worst label first."""
-        return self._scale
+        """The validated label scale, worst label first (derived from ``label_scale`` each time, cached)."""
+        return _scale(tuple(self.label_scale.items()))
+
+    @property
+    def _llm(self) -> LLM:
+        """The judging LLM: ``llm``, or ``Settings.llm`` when that is None (resolved here, on use)."""
+        return self.llm if self.llm is not None else Settings.llm
+
+    @property
+    def _encode(self) -> Encode:
+        """Token counter: ``tokenizer``, else the current LLM's own (resolved once per LLM object)."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        llm = self._llm
+        if self._encoder is None or self._encoder[0] is not llm:
+            self._encoder = (llm, resolve_encoder(llm))
+        return self._encoder[1]
 
     @property
     def last_usage(self) -> Optional[RerankUsage]:
@@ -135,14 +181,14 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         return self._last_usage
 
     def _get_prompts(self) -> PromptDictType:
-        return {PROMPT_KEY: self._prompt}
+        return {PROMPT_KEY: self.rerank_prompt}
 
     def _get_prompt_modules(self) -> PromptMixinType:
         return {}
 
     def _update_prompts(self, prompts: PromptDictType) -> None:
         if PROMPT_KEY in prompts:
-            self._prompt = prompts[PROMPT_KEY]
+            self.rerank_prompt = prompts[PROMPT_KEY]
 
     # -- the work -----------------------------------------------------------------------------------------------
 
@@ -174,7 +220,7 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
     def _run(self, query: str | QueryBundle, nodes: Sequence[NodeWithScore]) -> Iterator["_Run"]:
         """Prepare a run, emit the rerank events and callback around its judging, and finish it."""
         run = _Run(self, _require_query(query), nodes)
-        model = self.llm.metadata.model_name
+        model = self._llm.metadata.model_name
         dispatcher.event(ReRankStartEvent(query=run.query, nodes=run.nodes, top_n=self.top_n, model_name=model))
         payload = {EventPayload.NODES: run.nodes, EventPayload.MODEL_NAME: model,
                    EventPayload.QUERY_STR: run.query, EventPayload.TOP_K: self.top_n}  # fmt: skip
@@ -185,11 +231,12 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         dispatcher.event(ReRankEndEvent(nodes=run.result.nodes))
 
     def _judge(self) -> Judge:
+        llm = self._llm
         return Judge(
-            caller=LLMCaller(self.llm, self._encode, self.max_retries, self.timeout),
-            template=self._prompt,
-            is_chat=self.llm.metadata.is_chat_model,
-            scale=self._scale,
+            caller=LLMCaller(llm, self._encode, self.max_retries, self.timeout),
+            template=self.rerank_prompt,
+            is_chat=llm.metadata.is_chat_model,
+            scale=self.scale,
             scoring=self.scoring,
             followups=self.followup_calls,
             on_error=self.on_error,
@@ -200,21 +247,32 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
 
     def _passage_budget(self, query: str) -> int:
         """Tokens left for passages in one window once the prompt, query and answer are counted."""
-        empty = render(self._prompt, self.llm.metadata.is_chat_model, prompt_vars(query, [], self._scale))
-        fixed = len(self._encode(empty if isinstance(empty, str) else "\n".join(m.content or "" for m in empty)))
+        metadata, encode, scale = self._llm.metadata, self._encode, self.scale
+        empty = render(self.rerank_prompt, metadata.is_chat_model, prompt_vars(query, [], scale))
+        fixed = len(encode(empty if isinstance(empty, str) else "\n".join(m.content or "" for m in empty)))
         fixed += 4 * (0 if isinstance(empty, str) else len(empty))
-        budget = self.llm.metadata.context_window - fixed - answer_tokens(self.window_size, self._scale.labels, self._encode)
-        budget -= SAFETY_MARGIN
+        budget = metadata.context_window - fixed - answer_tokens(self.window_size, scale.labels, encode) - SAFETY_MARGIN
         if budget < MIN_PASSAGE_BUDGET:
             raise ValueError(
                 f"the query and prompt take {fixed} tokens, leaving {budget} of the LLM's context window "
-                f"({self.llm.metadata.context_window}) for passages; shorten the query or use a larger window_size/context"
+                f"({metadata.context_window}) for passages; shorten the query or use a larger window_size/context"
             )
         return budget
 
     def _cutoff(self) -> Optional[float]:
-        floors = [v for v in (self.min_score, self.min_label and self._scale.score(self.min_label)) if v is not None]
+        """The score below which judged candidates are dropped; checks ``min_label`` against the current scale."""
+        scale, floors = self.scale, [self.min_score]
+        if self.min_label is not None:
+            if normalise_label(self.min_label) not in scale.labels:
+                raise ValueError(f"min_label {self.min_label!r} is not on the label scale {list(scale.labels)}")
+            floors.append(scale.score(self.min_label))
+        floors = [v for v in floors if v is not None]
         return max(floors) if floors else None
+
+
+@lru_cache(maxsize=32)
+def _scale(items: Tuple[Tuple[str, float], ...]) -> LabelScale:
+    return LabelScale.from_mapping(dict(items))
 
 
 def _require_query(query: str | QueryBundle | None) -> str:
@@ -243,15 +301,16 @@ class _Run:
                 self.ranks.append(rank)
         self.candidates: list[Candidate] = []
         self.textless: list[int] = []
+        encode = owner._encode
         for index, node in enumerate(self.unique):
             content = node.node.get_content(metadata_mode=MetadataMode.LLM)
             if content.strip():
-                text, tokens = truncate(content, owner.max_passage_tokens, owner._encode)
+                text, tokens = truncate(content, owner.max_passage_tokens, encode)
                 self.candidates.append(Candidate(index, text, tokens, node.score))
             else:
                 self.textless.append(index)
         self.windows = (
-            pack_windows(self.candidates, owner.window_size, owner._passage_budget(query), owner._encode)
+            pack_windows(self.candidates, owner.window_size, owner._passage_budget(query), encode)
             if self.candidates
             else []
         )
@@ -263,7 +322,7 @@ class _Run:
         final = fuse(self.candidates, self.judgements, owner.retrieval_weight, owner.retrieval_signal, owner.normalize)
         ranked = order(self.candidates, self.judgements, final, owner._cutoff())
         chosen = [(c.index, self.judgements[c.index], final[c.index]) for c in ranked]
-        floor = owner._scale.values[0]
+        floor = owner.scale.values[0]
         chosen += [(index, Judgement(None, floor, "no_text"), floor) for index in self.textless]
         self.result.nodes = [self._output(*choice) for choice in chosen[: owner.top_n]]
         self.usage.wall_time_s = time.perf_counter() - self.started
