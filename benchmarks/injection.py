@@ -16,7 +16,7 @@ from llama_index.core.prompts import PromptTemplate
 from llama_index.core.schema import NodeWithScore, TextNode
 
 from llama_rerank import LikelihoodRerank
-from llama_rerank.pipeline import default_embedding, demo_corpus, make_llm
+from llama_rerank.pipeline import DATA_DIR, default_embedding, demo_corpus, make_llm
 from llama_rerank.store import ingest, load_index
 
 INJECTION = (
@@ -37,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=int, default=4)
     parser.add_argument("--top-k", type=int, default=6)
-    parser.add_argument("--store", default="/tmp/llama-rerank-injection-store")
+    parser.add_argument("--store", default=str(DATA_DIR / "injection-chroma"), help="Chroma folder for the demo corpus")
     args = parser.parse_args()
 
     embed = default_embedding()

@@ -354,6 +354,7 @@ def test_eval_command_end_to_end(beir_dir, tmp_path, monkeypatch, capsys):
     systems = ALL_SYSTEMS + ["likelihood:window_size=1,retrieval_weight=0.5"]
     check_schema(data, systems, queries=3, top_n=3)
     assert data["dataset"] == "tiny" and data["config"]["top_k"] == 4 and data["config"]["llm_model"] == "scripted"
+    assert str(tmp_path) not in out_json.read_text() and data["config"]["path"] == beir_dir.name  # no machine paths
     first = data["systems"]["first-stage"]
     assert first["llm_calls"] == 0 and first["per_query"]["q1"]["ranking"][0] == "wing"
     # metrics are recomputable from the rankings

@@ -205,6 +205,16 @@ def rerank_query(
     )
 
 
+def portable(path: str | Path) -> str:
+    """``path`` as results record it: relative to the working directory when under it, else the folder's name
+    (an absolute path would name the machine the run was made on)."""
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return resolved.name
+
+
 def evaluate(
     path: str | Path,
     system_specs: Sequence[str],
@@ -242,13 +252,12 @@ def evaluate(
     rerankers = {spec: systems.build(spec, llm, top_k, defaults) for spec in system_specs}
     llm_name = f"{llm_spec}|{llm.metadata.model_name}" if llm is not None else ""
     config = {
-        "path": str(path), "format": dataset.format, "split": split, "queries_split": queries_split,
+        "path": portable(path), "format": dataset.format, "split": split, "queries_split": queries_split,
         "limit_queries": limit_queries, "seed": seed, "excluded_queries": len(exclude_queries), "queries": len(query_ids),
         "systems": list(system_specs),
         "top_k": top_k, "top_n": top_n, "likelihood_defaults": defaults, "llm": llm_spec if llm is not None else None,
         "llm_model": llm.metadata.model_name if llm is not None else None, "embed_model": embed_model.model_name,
-        "chunk_size": CHUNK_SIZE, "chunk_overlap": CHUNK_OVERLAP, "store": location, "cache": str(cache_dir),
-        "corpus_fingerprint": fp,
+        "chunk_size": CHUNK_SIZE, "chunk_overlap": CHUNK_OVERLAP, "corpus_fingerprint": fp,
     }  # fmt: skip
     results: dict[str, dict[str, QueryResult]] = {spec: {} for spec in system_specs}
     retriever = index.as_retriever(similarity_top_k=top_k)
