@@ -14,18 +14,37 @@ TRUNCATION_MARKER = " [...truncated]"
 SAFETY_MARGIN = 32  # tokens kept free for chat formatting the count cannot see
 
 
-def resolve_encoder(llm: Any) -> Encode:
-    """The LLM's own tokenizer where LlamaIndex exposes one, else tiktoken cl100k (bundled, works offline)."""
-    try:
-        tokenizer = llm._tokenizer  # OpenAI: tiktoken for the model; may need a download, so failures fall through
-    except Exception as exc:  # noqa: BLE001 - any failure means "not available"
-        logger.debug("LLM tokenizer unavailable (%s); using cl100k_base", exc)
-        tokenizer = None
-    if tokenizer is not None and callable(getattr(tokenizer, "encode", None)):
-        return tokenizer.encode
-    from llama_index.core.utils import get_tokenizer
+def resolve_encoder(llm: Any, tokenizer: Encode | None = None) -> Encode:
+    """A token counter that cannot raise: ``tokenizer`` if given, else the LLM's own where LlamaIndex exposes one,
+    else LlamaIndex's global tokenizer (tiktoken cl100k, bundled, works offline). Any text counts as text: a passage
+    that spells a special token such as ``<|endoftext|>`` is counted, never refused; if a counter still fails on a
+    text, that text is estimated at four bytes a token."""
+    if tokenizer is None:
+        try:
+            own = llm._tokenizer  # OpenAI: tiktoken for the model; may need a download, so failures fall through
+        except Exception as exc:  # noqa: BLE001 - any failure means "not available"
+            logger.debug("LLM tokenizer unavailable (%s); using LlamaIndex's tokenizer", exc)
+            own = None
+        if own is not None and callable(getattr(own, "encode_ordinary", None)):
+            tokenizer = own.encode_ordinary  # tiktoken: text that spells a special token is ordinary text
+        elif own is not None and callable(getattr(own, "encode", None)):
+            tokenizer = own.encode
+        else:
+            from llama_index.core.utils import get_tokenizer
 
-    return get_tokenizer()
+            tokenizer = get_tokenizer()
+    return _never_raises(tokenizer)
+
+
+def _never_raises(encode: Encode) -> Encode:
+    def count(text: str) -> Sequence[Any]:
+        try:
+            return encode(text)
+        except Exception as exc:  # noqa: BLE001 - a token count must never fail a rerank
+            logger.debug("tokenizer failed on a text (%s: %s); estimating its tokens", type(exc).__name__, exc)
+            return range(len(text.encode("utf-8")) // 4 + 1)
+
+    return count
 
 
 def truncate(text: str, max_tokens: int, encode: Encode) -> tuple[str, int]:
@@ -47,9 +66,11 @@ def truncate(text: str, max_tokens: int, encode: Encode) -> tuple[str, int]:
 
 
 def answer_tokens(n: int, labels: Sequence[str], encode: Encode) -> int:
-    """Tokens an answer of ``n`` lines ``[i] label`` needs, with room for a short preamble."""
+    """Tokens an answer of ``n`` lines ``[i] label`` (or a JSON object ``{"i": "label", ...}``) needs, with room
+    for a short preamble."""
     longest = max(labels, key=len)
-    return n * len(encode(f"[{n}] {longest}\n")) + 16
+    entry = max(len(encode(f"[{n}] {longest}\n")), len(encode(f'"{n}": "{longest}", ')))
+    return n * entry + 16
 
 
 def pack_windows(

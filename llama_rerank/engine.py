@@ -19,17 +19,17 @@ from typing import Generator, Sequence
 from llama_index.core.prompts import BasePromptTemplate
 
 from llama_rerank.budget import Encode, answer_tokens
-from llama_rerank.errors import RerankLLMError
+from llama_rerank.errors import LLMConfigError, RerankLLMError
 from llama_rerank.labels import LabelScale
 from llama_rerank.llm import LLMCaller, LLMReply
 from llama_rerank.parse import parse_labels
-from llama_rerank.prompts import prompt_vars, render
+from llama_rerank.prompts import answer_schema, prompt_vars, render
 from llama_rerank.scoring import align_tokens, average_passes, label_probabilities
 from llama_rerank.types import Candidate, Judgement, RerankUsage
 
 logger = logging.getLogger(__name__)
 
-Prompt = tuple[object, int]  # rendered prompt, answer max_tokens
+Prompt = tuple[object, int, dict]  # rendered prompt, answer max_tokens, the answer's JSON schema
 Job = tuple[Sequence[Candidate], dict[int, Judgement], RerankUsage]  # a window, where its judgements go, its usage
 WindowSteps = Generator[Prompt, "LLMReply | Exception", None]
 
@@ -55,8 +55,10 @@ class Judge:
         pending = list(window)
         for round_ in range(self.followups + 1):
             variables = prompt_vars(query, [c.text for c in pending], self.scale)
-            result = yield render(self.template, self.is_chat, variables), answer_tokens(
-                len(pending), self.scale.labels, self.encode
+            result = yield (
+                render(self.template, self.is_chat, variables),
+                answer_tokens(len(pending), self.scale.labels, self.encode),
+                answer_schema(len(pending), self.scale),
             )
             if isinstance(result, Exception):
                 self._fail(pending, result, out, usage)
@@ -94,6 +96,8 @@ class Judge:
         return [pending[i - 1] for i in parsed.missing]
 
     def _fail(self, pending: list[Candidate], error: Exception, out: dict[int, Judgement], usage: RerankUsage) -> None:
+        if isinstance(error, LLMConfigError):
+            raise error  # a misconfiguration is never a silent fallback, whatever on_error says
         message = f"{type(error).__name__}: {error}"
         if self.on_error == "raise":
             raise RerankLLMError(f"LLM call failed for {len(pending)} candidates after retries: {message}") from error
@@ -110,13 +114,13 @@ class Judge:
     def _run_window(self, query: str, window: Sequence[Candidate], out: dict[int, Judgement], usage: RerankUsage) -> None:
         steps = self._steps(query, window, out, usage)
         try:
-            prompt, max_tokens = next(steps)
+            prompt = next(steps)
             while True:
                 try:
-                    reply: LLMReply | Exception = self.caller.call(prompt, max_tokens)
+                    reply: LLMReply | Exception = self.caller.call(*prompt)
                 except Exception as exc:  # noqa: BLE001 - the policy in _fail decides
                     reply = exc
-                prompt, max_tokens = steps.send(reply)
+                prompt = steps.send(reply)
         except StopIteration:
             pass
 
@@ -125,14 +129,14 @@ class Judge:
     ) -> None:
         steps = self._steps(query, window, out, usage)
         try:
-            prompt, max_tokens = next(steps)
+            prompt = next(steps)
             while True:
                 try:
                     async with gate:
-                        reply: LLMReply | Exception = await self.caller.acall(prompt, max_tokens)
+                        reply: LLMReply | Exception = await self.caller.acall(*prompt)
                 except Exception as exc:  # noqa: BLE001 - the policy in _fail decides
                     reply = exc
-                prompt, max_tokens = steps.send(reply)
+                prompt = steps.send(reply)
         except StopIteration:
             pass
 
@@ -172,5 +176,11 @@ class Judge:
         """Judge every candidate with concurrent async calls, at most ``max_concurrency`` at a time."""
         jobs, passes = self._jobs(windows)
         gate = asyncio.Semaphore(self.max_concurrency)
-        await asyncio.gather(*(self._arun_window(query, *job, gate) for job in jobs))
+        tasks = [asyncio.ensure_future(self._arun_window(query, *job, gate)) for job in jobs]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:  # a permanent error (or cancellation) stops the other windows too
+                task.cancel()
+            raise
         return self._merge(jobs, passes, usage)

@@ -3,6 +3,8 @@
     LlamaRerankError            base of everything below; the CLI catches it
     ├── ScaleError (ValueError) a label scale that cannot work (duplicates, empty names, values outside [0, 1])
     ├── RerankLLMError          the LLM failed for a window after every retry, and on_error="raise"
+    ├── LLMConfigError          the LLM refused a request in a way no retry fixes (bad key, unknown model, ...);
+    │                           raised whatever on_error says
     ├── StoreError              a vector store or input folder that cannot be used (ingest, query)
     └── EvalError               (in ``llama_rerank.eval``) a dataset, system spec or option ``eval`` cannot use
 """
@@ -20,6 +22,14 @@ class ScaleError(LlamaRerankError, ValueError):
 
 class RerankLLMError(LlamaRerankError):
     """The LLM failed for a window after all retries and ``on_error="raise"`` was asked for."""
+
+
+class LLMConfigError(LlamaRerankError):
+    """The LLM refused a request with HTTP 400/401/403/404/422: a misconfiguration no retry can fix.
+
+    Raised whatever ``on_error`` says, because a reranker that quietly keeps retrieval order would look like one
+    that works. The message names the model, what the provider said and the fix; ``__cause__`` is the original.
+    """
 
 
 class StoreError(LlamaRerankError):

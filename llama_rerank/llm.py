@@ -1,22 +1,34 @@
-"""One LLM call per prompt, sync or async, with a timeout, bounded retries with backoff, logprobs and token counts."""
+"""One LLM call per prompt, sync or async: timeout, retries of transient errors, adaptation, logprobs, token counts.
+
+A call is an *exchange* (:meth:`LLMCaller._exchange`, written once for both paths): send; on a refused option,
+let the :class:`~llama_rerank.providers.Provider` adapt and send again; on an empty answer cut off by the token
+budget, send once more with room to think; on a permanent error, raise
+:class:`~llama_rerank.errors.LLMConfigError`. Transient errors leave the exchange and are retried around it with
+backoff (honouring ``Retry-After``), at most ``max_retries`` times.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
 import logging
-import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 from llama_index.core.base.llms.types import ChatMessage, LogProb
-from llama_index.core.llms import LLM
-from tenacity import AsyncRetrying, RetryCallState, Retrying, stop_after_attempt, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from llama_rerank.budget import Encode
+from llama_rerank.errors import LLMConfigError
+from llama_rerank.parse import answer_part
+from llama_rerank.providers import Provider, explain, is_permanent, retry_after
 
 logger = logging.getLogger(__name__)
+
+Prompt = Sequence[ChatMessage] | str
+MAX_RESENDS = 6  # adaptations and the one budget increase within one call; each changes something, so few are needed
+Exchange = Generator[dict[str, Any], Any, Any]  # yields kwargs, receives the response or the exception
 
 
 @dataclass
@@ -30,26 +42,14 @@ class LLMReply:
     retries: int
 
 
-def _retry_after(exc: BaseException | None) -> float | None:
-    """Seconds a rate-limit error asks us to wait (``Retry-After`` header or attribute), if it says."""
-    response = getattr(exc, "response", None)
-    value = getattr(exc, "retry_after", None) or getattr(getattr(response, "headers", None), "get", lambda _: None)(
-        "retry-after"
-    )
-    try:
-        return float(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
 class _Wait:
     """Exponential backoff with jitter, or the server's ``Retry-After`` when it gives one (capped at 60 s)."""
 
     def __init__(self) -> None:
-        self._backoff = wait_exponential_jitter(initial=0.5, max=8.0)
+        self._backoff = wait_random_exponential(multiplier=0.5, max=8.0)  # "full jitter"; in every tenacity >= 8
 
     def __call__(self, state: RetryCallState) -> float:
-        asked = _retry_after(state.outcome.exception() if state.outcome else None)
+        asked = retry_after(state.outcome.exception() if state.outcome else None)
         return min(asked, 60.0) if asked is not None else self._backoff(state)
 
 
@@ -81,72 +81,115 @@ def _run_with_timeout(fn: Callable[[], Any], timeout: float | None) -> Any:
     return box["value"]
 
 
-class LLMCaller:
-    """Calls ``llm`` for one rendered prompt; chat or completion is decided by the prompt's type."""
+def _finish_reason(response: Any) -> str | None:
+    raw = getattr(response, "raw", None)
+    choices = raw.get("choices") if isinstance(raw, dict) else getattr(raw, "choices", None)
+    if not choices:
+        return None
+    first = choices[0]
+    return first.get("finish_reason") if isinstance(first, dict) else getattr(first, "finish_reason", None)
 
-    def __init__(self, llm: LLM, encode: Encode, max_retries: int, timeout: float | None) -> None:
-        self.llm = llm
+
+def _text(response: Any) -> str:
+    return (response.message.content if hasattr(response, "message") else response.text) or ""
+
+
+class LLMCaller:
+    """Calls the provider's LLM for one rendered prompt; chat or completion is decided by the prompt's type."""
+
+    def __init__(self, provider: Provider, encode: Encode, max_retries: int, timeout: float | None) -> None:
+        self.provider = provider
         self.encode = encode
         self.max_retries = max_retries
         self.timeout = timeout
-        self._openai = _is_openai(llm)
-
-    def _kwargs(self, max_tokens: int) -> dict[str, Any]:
-        # OpenAI-family LLMs pass extra kwargs to the API; others may reject unknown kwargs, so they get none.
-        return {"max_tokens": max_tokens} if self._openai else {}
 
     def _retrying(self, cls: type) -> Any:
         return cls(
             stop=stop_after_attempt(self.max_retries + 1),
             wait=_Wait(),
+            retry=retry_if_exception(lambda exc: not isinstance(exc, LLMConfigError)),
             before_sleep=_log_retry,
             reraise=True,
         )
 
-    def call(self, prompt: Sequence[ChatMessage] | str, max_tokens: int) -> LLMReply:
-        """Blocking call with retries; raises the last error when every attempt failed."""
-        kwargs = self._kwargs(max_tokens)
-        if isinstance(prompt, str):
-            attempt: Callable[[], Any] = lambda: self.llm.complete(prompt, **kwargs)  # noqa: E731
-        else:
-            attempt = lambda: self.llm.chat(list(prompt), **kwargs)  # noqa: E731
-        retrying = self._retrying(Retrying)
-        response = retrying(_run_with_timeout, attempt, self.timeout)
-        return self._reply(prompt, response, retrying.statistics.get("attempt_number", 1) - 1)
+    def _exchange(self, max_tokens: int, schema: dict[str, Any] | None) -> Exchange:
+        """Send, adapt and resend until there is an answer; raise what retrying cannot fix."""
+        provider, grown = self.provider, False
+        for _ in range(MAX_RESENDS):
+            version = provider.version
+            outcome = yield provider.kwargs(max_tokens, schema, grown)
+            if isinstance(outcome, Exception):
+                if provider.adapt(outcome, version):
+                    continue
+                if is_permanent(outcome):
+                    raise LLMConfigError(explain(outcome, provider.original)) from outcome
+                raise outcome
+            if provider.openai and not grown and _finish_reason(outcome) == "length" and not answer_part(_text(outcome)).strip():
+                grown = True
+                provider.grow()
+                continue
+            return outcome
+        raise LLMConfigError(f"{provider.original!r} kept refusing the request after {MAX_RESENDS} adaptations")
 
-    async def acall(self, prompt: Sequence[ChatMessage] | str, max_tokens: int) -> LLMReply:
-        """Async call with retries; a call that exceeds the timeout is cancelled and retried."""
-        kwargs = self._kwargs(max_tokens)
-        retrying = self._retrying(AsyncRetrying)
+    def _request(self, prompt: Prompt, kwargs: dict[str, Any]) -> Any:
+        llm = self.provider.llm
+        return llm.complete(prompt, **kwargs) if isinstance(prompt, str) else llm.chat(list(prompt), **kwargs)
 
-        async def attempt() -> Any:
-            if isinstance(prompt, str):
-                coroutine = self.llm.acomplete(prompt, **kwargs)
-            else:
-                coroutine = self.llm.achat(list(prompt), **kwargs)
+    async def _arequest(self, prompt: Prompt, kwargs: dict[str, Any]) -> Any:
+        llm = self.provider.llm
+        coroutine = llm.acomplete(prompt, **kwargs) if isinstance(prompt, str) else llm.achat(list(prompt), **kwargs)
+        try:
+            return await asyncio.wait_for(coroutine, self.timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"LLM call did not answer within {self.timeout:g} s") from None
+
+    def _send(self, prompt: Prompt, max_tokens: int, schema: dict[str, Any] | None) -> Any:
+        exchange = self._exchange(max_tokens, schema)
+        kwargs = next(exchange)
+        while True:
             try:
-                return await asyncio.wait_for(coroutine, self.timeout)
-            except asyncio.TimeoutError:
-                raise TimeoutError(f"LLM call did not answer within {self.timeout:g} s") from None
+                outcome = _run_with_timeout(lambda: self._request(prompt, kwargs), self.timeout)
+            except Exception as exc:  # noqa: BLE001 - the exchange decides
+                outcome = exc
+            try:
+                kwargs = exchange.send(outcome)
+            except StopIteration as done:
+                return done.value
 
-        response = await retrying(attempt)
+    async def _asend(self, prompt: Prompt, max_tokens: int, schema: dict[str, Any] | None) -> Any:
+        exchange = self._exchange(max_tokens, schema)
+        kwargs = next(exchange)
+        while True:
+            try:
+                outcome = await self._arequest(prompt, kwargs)
+            except Exception as exc:  # noqa: BLE001 - the exchange decides
+                outcome = exc
+            try:
+                kwargs = exchange.send(outcome)
+            except StopIteration as done:
+                return done.value
+
+    def call(self, prompt: Prompt, max_tokens: int, schema: dict[str, Any] | None = None) -> LLMReply:
+        """Blocking call; raises ``LLMConfigError`` at once, or the last transient error after every retry."""
+        retrying = self._retrying(Retrying)
+        response = retrying(self._send, prompt, max_tokens, schema)
         return self._reply(prompt, response, retrying.statistics.get("attempt_number", 1) - 1)
 
-    def _reply(self, prompt: Sequence[ChatMessage] | str, response: Any, retries: int) -> LLMReply:
-        text = response.message.content if hasattr(response, "message") else response.text
-        text = text or ""
+    async def acall(self, prompt: Prompt, max_tokens: int, schema: dict[str, Any] | None = None) -> LLMReply:
+        """Async :meth:`call`; a request that exceeds the timeout is cancelled and retried."""
+        retrying = self._retrying(AsyncRetrying)
+        response = await retrying(self._asend, prompt, max_tokens, schema)
+        return self._reply(prompt, response, retrying.statistics.get("attempt_number", 1) - 1)
+
+    def _reply(self, prompt: Prompt, response: Any, retries: int) -> LLMReply:
+        text = _text(response)
+        self.provider.note_reply(bool(response.logprobs))
         counts = getattr(response, "additional_kwargs", None) or {}
         prompt_tokens = counts.get("prompt_tokens") or self._count(prompt)
         completion_tokens = counts.get("completion_tokens") or len(self.encode(text))
         return LLMReply(text, response.logprobs or None, int(prompt_tokens), int(completion_tokens), retries)
 
-    def _count(self, prompt: Sequence[ChatMessage] | str) -> int:
+    def _count(self, prompt: Prompt) -> int:
         if isinstance(prompt, str):
             return len(self.encode(prompt))
         return sum(len(self.encode(message.content or "")) + 4 for message in prompt)
-
-
-def _is_openai(llm: LLM) -> bool:
-    # An OpenAI-family LLM means its module is already imported; importing it for others would cost ~0.7 s.
-    module = sys.modules.get("llama_index.llms.openai")
-    return module is not None and isinstance(llm, module.OpenAI)

@@ -5,7 +5,9 @@ imitates the answer format cannot change the result. Accepted (one label per id 
 it ignored, JSON too): ``[3] very likely``, ``3: Likely``, ``3. VERY LIKELY``, ``Passage 3 - unlikely``, ``**[3]** likely``,
 ``[3] "likely"``, ``{"3": "likely"}``, ``[{"id": 3, "label": "likely"}]``. Labels match whole words, longest
 first, so ``unlikely`` is never read as ``likely`` and ``very likely`` never as ``likely``; a label right after
-"not"/"no" is not read at all. Ids outside 1..n are ignored; when an id appears twice the first answer wins.
+"not"/"no"/"never"/"hardly"/"barely"/"scarcely" (also "not at all", "not very") or glued to a prefix by a hyphen
+(``un-likely``) is not read at all. Ids outside 1..n are ignored; when an id appears twice the first answer wins.
+A thinking model's reasoning (``<think>...</think>``, or everything before a lone ``</think>``) is never read.
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ _ID = (
     r"|\"(?P<e>\d{1,4})\"\s*:"  # "3":
     r"|(?<![\w.,])(?P<f>\d{1,4})\s*(?:[:)\-\u2013\u2014=]|\.(?!\d))"  # 3: 3. 3) 3 -
 )
-_NEGATION = re.compile(r"\b(?:not|no|never)\W*$", re.IGNORECASE)
+_NEGATION = re.compile(
+    r"\b(?:not|no|never|hardly|barely|scarcely)(?:\W+(?:at\W+all|very|so|too|that|really|particularly))*\W*$",
+    re.IGNORECASE,
+)
+_REASONING = re.compile(r"^.*</think>|<think>(?:(?!</think>).)*$", re.IGNORECASE | re.DOTALL)
 _MAX_GAP = 80  # characters allowed between an id marker and its label
 
 
@@ -39,7 +45,7 @@ class ParsedAnswer:
 def _label_pattern(scale: LabelScale) -> str:
     alternatives = sorted(scale.labels, key=len, reverse=True)
     words = [r"[\s_\-]+".join(re.escape(w) for w in label.split()) for label in alternatives]
-    return r"(?<!\w)(?P<label>" + "|".join(words) + r")(?!\w)"
+    return r"(?<!\w)(?<!\w-)(?P<label>" + "|".join(words) + r")(?!\w)(?!-\w)"
 
 
 _PATTERNS: dict[LabelScale, re.Pattern[str]] = {}
@@ -51,8 +57,14 @@ def _pattern(scale: LabelScale) -> re.Pattern[str]:
     return _PATTERNS[scale]
 
 
+def answer_part(text: str | None) -> str:
+    """``text`` with a thinking model's reasoning blanked out by spaces, so offsets into ``text`` stay valid."""
+    return _REASONING.sub(lambda m: " " * len(m.group(0)), text or "")
+
+
 def parse_labels(text: str | None, n: int, scale: LabelScale) -> ParsedAnswer:
     """Read one label per id 1..n from ``text``; never raises, never invents a label the text does not contain."""
+    text = answer_part(text)
     result = ParsedAnswer()
     current: int | None = None
     current_end = 0

@@ -8,6 +8,7 @@ emitting LlamaIndex's rerank events and callback around the work.
 from __future__ import annotations
 
 import difflib
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,11 +31,13 @@ from llama_rerank.budget import SAFETY_MARGIN, Encode, answer_tokens, pack_windo
 from llama_rerank.engine import Judge
 from llama_rerank.labels import DEFAULT_SCALE, LabelScale, normalise_label
 from llama_rerank.llm import LLMCaller
+from llama_rerank.providers import Provider
 from llama_rerank.prompts import DEFAULT_RERANK_PROMPT, prompt_vars, render
 from llama_rerank.scoring import fuse, order
 from llama_rerank.types import Candidate, Judgement, RerankUsage
 
 dispatcher = get_dispatcher(__name__)
+logger = logging.getLogger(__name__)
 
 PROMPT_KEY = "rerank_prompt"
 METADATA_KEYS = ("rerank_label", "rerank_score", "retrieval_score", "retrieval_rank")
@@ -106,11 +109,17 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         default=False, description="Judge every window a second time with its passages in reverse order and average "
         "the two scores, cancelling the LLM's bias for or against a position in the prompt. Twice the LLM calls.",
     )  # fmt: skip
+    structured_output: bool = Field(
+        default=False, description="Ask for a JSON answer constrained by a schema (one label per passage id, an enum "
+        "of the scale's labels) through response_format; OpenAI-compatible LLM classes only (OpenAI, OpenAILike, "
+        "AzureOpenAI: vLLM, llama.cpp, Ollama and OpenAI itself constrain decoding to it). Logprob scoring still works.",
+    )  # fmt: skip
     tokenizer: Optional[Callable[[str], Sequence[Any]]] = Field(
         default=None, exclude=True, description="Token counter for budgets; default: the LLM's own if exposed, else cl100k."
     )
 
-    _encoder: Optional[Tuple[LLM, Encode]] = PrivateAttr(default=None)
+    _encoder: Optional[Tuple[LLM, Any, Encode]] = PrivateAttr(default=None)
+    _provider: Optional[Tuple[LLM, bool, Provider]] = PrivateAttr(default=None)
     _last_usage: Optional[RerankUsage] = PrivateAttr(default=None)
 
     @model_validator(mode="before")
@@ -167,13 +176,20 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
 
     @property
     def _encode(self) -> Encode:
-        """Token counter: ``tokenizer``, else the current LLM's own (resolved once per LLM object)."""
-        if self.tokenizer is not None:
-            return self.tokenizer
+        """Token counter that never raises: ``tokenizer``, else the LLM's own (resolved once per LLM/tokenizer)."""
         llm = self._llm
-        if self._encoder is None or self._encoder[0] is not llm:
-            self._encoder = (llm, resolve_encoder(llm))
-        return self._encoder[1]
+        if self._encoder is None or self._encoder[0] is not llm or self._encoder[1] is not self.tokenizer:
+            self._encoder = (llm, self.tokenizer, resolve_encoder(llm, self.tokenizer))
+        return self._encoder[2]
+
+    @property
+    def _calls(self) -> Provider:
+        """How this instance calls its LLM: what the provider was seen to accept is remembered until ``llm`` or
+        ``structured_output`` changes."""
+        llm = self._llm
+        if self._provider is None or self._provider[0] is not llm or self._provider[1] != self.structured_output:
+            self._provider = (llm, self.structured_output, Provider(llm, self.structured_output))
+        return self._provider[2]
 
     @property
     def last_usage(self) -> Optional[RerankUsage]:
@@ -233,7 +249,7 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
     def _judge(self) -> Judge:
         llm = self._llm
         return Judge(
-            caller=LLMCaller(llm, self._encode, self.max_retries, self.timeout),
+            caller=LLMCaller(self._calls, self._encode, self.max_retries, self.timeout),
             template=self.rerank_prompt,
             is_chat=llm.metadata.is_chat_model,
             scale=self.scale,
@@ -294,11 +310,19 @@ class _Run:
         self.unique: list[NodeWithScore] = []
         self.ranks: list[int] = []
         seen: set[str] = set()
+        repeated: list[int] = []
         for rank, node in enumerate(self.nodes, start=1):
-            if node.node.node_id not in seen:
-                seen.add(node.node.node_id)
-                self.unique.append(node)
-                self.ranks.append(rank)
+            if node.node.node_id in seen:
+                repeated.append(rank)
+                continue
+            seen.add(node.node.node_id)
+            self.unique.append(node)
+            self.ranks.append(rank)
+        if repeated:
+            logger.warning(
+                "%d input node(s) repeat a node id seen earlier (retrieval ranks %s); each node is judged and returned "
+                "once, at its best retrieval rank", len(repeated), repeated,
+            )  # fmt: skip
         self.candidates: list[Candidate] = []
         self.textless: list[int] = []
         encode = owner._encode

@@ -2,13 +2,14 @@
 
 Each window's passages are numbered ``[1]..[n]`` in the order they appear in that window and wrapped in
 ``<passage id="i">`` ... ``</passage>``; a passage's own text cannot close its fence early, so text inside a passage
-stays data. The template's variables are ``{query}``, ``{num}``, ``{labels}`` and ``{passages}``.
+stays data. With structured output the answer's form is also given as a JSON schema (:func:`answer_schema`).
+The template's variables are ``{query}``, ``{num}``, ``{labels}`` and ``{passages}``.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.prompts import BasePromptTemplate, ChatPromptTemplate
@@ -39,13 +40,22 @@ DEFAULT_RERANK_PROMPT = ChatPromptTemplate(
     ]
 )
 
-_FENCE = re.compile(r"<\s*(/?)\s*passage", re.IGNORECASE)
+# "<" as text, as an HTML entity, or as a full-width or small look-alike; then an optional "/" (or a look-alike)
+_FENCE = re.compile(
+    r"(?:<|&lt;?|&#0*60;?|&#x0*3c;?|\uff1c|\ufe64|\u2039|\u3008)\s*((?:/|\uff0f|\u2215|&#0*47;?|&sol;?)?)\s*passage",
+    re.IGNORECASE,
+)
+
+
+def _defuse(match: re.Match[str]) -> str:
+    return "</_passage" if match.group(1) else "<_passage"
 
 
 def render_passages(texts: Sequence[str]) -> str:
-    """Number and fence passages; ``<passage``/``</passage`` inside a text are defused so fences stay ours."""
+    """Number and fence passages; a ``<passage``/``</passage`` inside a text (also spelt with an HTML entity or a
+    full-width look-alike) is defused to ``<_passage``/``</_passage`` so the fences stay ours."""
     return "\n\n".join(
-        f'<passage id="{i}">\n{_FENCE.sub(lambda m: f"<{m.group(1)}_passage", text)}\n</passage>'
+        f'<passage id="{i}">\n{_FENCE.sub(_defuse, text)}\n</passage>'
         for i, text in enumerate(texts, start=1)
     )
 
@@ -58,6 +68,13 @@ def prompt_vars(query: str, texts: Sequence[str], scale: LabelScale) -> dict[str
         "labels": ", ".join(f'"{label}"' for label in scale.labels),
         "passages": render_passages(texts),
     }
+
+
+def answer_schema(n: int, scale: LabelScale) -> dict[str, Any]:
+    """The JSON schema of a structured answer: one property per passage id ``"1".."n"``, each one of the labels."""
+    label = {"type": "string", "enum": list(scale.labels)}
+    ids = [str(i) for i in range(1, n + 1)]
+    return {"type": "object", "properties": {i: label for i in ids}, "required": ids, "additionalProperties": False}
 
 
 def render(template: BasePromptTemplate, is_chat: bool, variables: dict[str, str]) -> list[ChatMessage] | str:

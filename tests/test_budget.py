@@ -48,3 +48,29 @@ def test_passage_larger_than_budget_is_cut_to_fit_alone():
 def test_resolve_encoder_falls_back_to_cl100k():
     encode = resolve_encoder(ScriptedLLM(lambda p, c: ""))
     assert encode("hello world") == ENCODE("hello world")
+
+
+class SpecialTokenRefusing:
+    """A tiktoken-like tokenizer whose ``encode`` refuses special-token text, as tiktoken's own does."""
+
+    def encode(self, text):
+        if "<|endoftext|>" in text:
+            raise ValueError("Encountered text corresponding to disallowed special token '<|endoftext|>'")
+        return ENCODE(text)
+
+
+def test_special_token_text_is_counted_as_text_never_refused():
+    import tiktoken
+
+    llm = ScriptedLLM(lambda p, c: "")
+    object.__setattr__(llm, "_tokenizer", tiktoken.get_encoding("cl100k_base"))  # what OpenAI(model=...) exposes
+    text = "before <|endoftext|> after"
+    assert len(resolve_encoder(llm)(text)) > 3
+    assert len(resolve_encoder(llm, SpecialTokenRefusing().encode)(text)) > 3
+
+
+def test_a_failing_tokenizer_is_estimated_not_raised():
+    def broken(text):
+        raise RuntimeError("tokenizer crashed")
+
+    assert len(resolve_encoder(None, broken)("x" * 40)) == 11

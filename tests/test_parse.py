@@ -97,3 +97,34 @@ def test_parser_on_generated_answers(lines, n):
     for i, label in parsed.labels.items():
         assert _label_in_text(label, text)
         assert text[slice(*parsed.spans[i])].casefold().replace("_", " ") == label
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[1] not likely", "[1] no likely", "[1] hardly likely", "[1] barely likely", "[1] scarcely likely",
+     "[1] not at all likely", "[1] not very likely", "[1] un-likely", "[1] Un-Likely", "[1] likely-ish"],
+)  # fmt: skip
+def test_negated_or_hyphen_glued_labels_are_not_read(text):
+    assert parse_labels(text, 1, SCALE).labels == {}
+
+
+def test_hyphen_between_words_of_a_label_still_reads():
+    assert parse_labels("[1] very-likely\n2 - unlikely", 2, SCALE).labels == {1: "very likely", 2: "unlikely"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<think>[1] unlikely\n[2] unlikely</think>\n[1] very likely\n[2] likely",  # Qwen3, R1 with the opening tag
+        "Passage 1 looks unlikely... [2] unlikely\n</think>\n\n[1] very likely\n[2] likely",  # R1: opening tag in the prompt
+        "<THINK>[1] unlikely</THINK>[1] very likely\n[2] likely",
+    ],
+)
+def test_a_thinking_models_reasoning_is_never_read(text):
+    parsed = parse_labels(text, 2, SCALE)
+    assert parsed.labels == {1: "very likely", 2: "likely"}
+    assert [text[slice(*parsed.spans[i])] for i in (1, 2)] == ["very likely", "likely"], "spans index the raw text"
+
+
+def test_an_answer_cut_off_while_thinking_labels_nothing():
+    assert parse_labels("<think>[1] very likely, or maybe", 1, SCALE).labels == {}

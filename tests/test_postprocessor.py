@@ -16,6 +16,7 @@ from llama_index.core.base.llms.types import LogProb
 
 from fakes import Reply, ScriptedLLM, label_by_keyword, passages, tokens_with_logprobs
 from llama_rerank import LikelihoodRerank, RerankLLMError
+from llama_rerank.errors import LLMConfigError
 
 MODES = ["sync", "async"]
 
@@ -225,6 +226,20 @@ def test_on_error_raise(mode):
         run(LikelihoodRerank(llm=llm, max_retries=0, on_error="raise"), make_nodes(["a"]), mode=mode)
 
 
+class Unauthorized(Exception):
+    status_code = 401
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_permanent_error_is_raised_whatever_on_error_says(mode):
+    llm = ScriptedLLM(lambda p, c: Unauthorized("invalid api key"))
+    reranker = LikelihoodRerank(llm=llm, max_retries=3, on_error="fallback", window_size=2, max_concurrency=1)
+    with pytest.raises(LLMConfigError, match="HTTP 401: invalid api key"):
+        run(reranker, make_nodes(["a", "b", "c", "d"]), mode=mode)
+    assert len(set(llm.prompts)) == len(llm.prompts), "no window is retried"
+    assert len(llm.prompts) < 2 if mode == "sync" else len(llm.prompts) <= 2, "the other windows stop"
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_hanging_call_is_bounded_by_timeout_and_retried(mode):
     def hangs_once(prompt, call):
@@ -289,11 +304,12 @@ def test_missing_query_is_a_clear_error(mode):
             asyncio.run(reranker.apostprocess_nodes(make_nodes(["a"]), query_bundle=QueryBundle("  ")))
 
 
-def test_duplicate_ids_are_reranked_once_and_textless_nodes_follow_judged_ones():
+def test_duplicate_ids_are_reranked_once_with_a_warning_and_textless_nodes_follow_judged_ones(caplog):
     nodes = make_nodes(["a", "b"])
     blank = NodeWithScore(node=TextNode(text="   ", id_="blank"), score=0.99)
     llm = ScriptedLLM(lambda p, c: "[1] likely\n[2] very likely")
     result = LikelihoodRerank(llm=llm, top_n=10).postprocess_nodes([blank, nodes[0], nodes[1], nodes[0]], query_str="q")
+    assert "repeat a node id seen earlier (retrieval ranks [4])" in caplog.text
     assert [n.node.node_id for n in result] == ["n1", "n0", "blank"]
     assert len(passages(llm.prompts[0])) == 2
     assert result[-1].node.metadata["rerank_label"] is None and result[-1].node.metadata["retrieval_rank"] == 1

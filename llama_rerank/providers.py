@@ -1,0 +1,243 @@
+"""What an LLM error means, and what an LLM accepts.
+
+Errors: one carrying HTTP status 400, 401, 403, 404 or 422 is *permanent* (a bad key, an unknown model, a parameter
+the provider refuses): no retry can fix it, so it becomes :class:`~llama_rerank.errors.LLMConfigError`, naming the
+cause and the fix. Everything else (timeouts, dropped connections, 408/409/429/5xx, exception types we do not know)
+is *transient*: retried with backoff, then handled by ``on_error``.
+
+Capabilities: :class:`Provider` keeps a private working copy of the user's LLM (the user's own object is never
+changed) and the request options it has been seen to accept. OpenAI-family LLMs (``OpenAI``, ``OpenAILike``,
+``AzureOpenAI``) get the answer budget, structured output and, for reasoning models, the lowest reasoning effort;
+when the provider refuses ``logprobs``/``top_logprobs``, a temperature, ``max_tokens``, a reasoning effort or
+``response_format``, :meth:`Provider.adapt` changes that option once for the instance, logs one warning, and the
+request is sent again. Their own client retries are turned off, so ours are the only ones.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import re
+import sys
+import threading
+import time
+from typing import Any
+
+from llama_index.core.llms import LLM
+
+logger = logging.getLogger(__name__)
+
+PERMANENT_STATUS = frozenset({400, 401, 403, 404, 422})
+# Lowest first; a model that refuses one gets the next (gpt-5: minimal..high; gpt-5.1+: none..high; o-series: low..).
+REASONING_EFFORTS = ("none", "minimal", "low")
+REASONING_ROOM = 512  # completion tokens a reasoning model may spend thinking before it writes the labels
+GROWN_ROOM = 4096  # the room given once an answer came back empty because the budget ran out
+_PARAMS = ("top_logprobs", "logprobs", "max_completion_tokens", "max_tokens", "temperature", "reasoning_effort",
+           "response_format")  # fmt: skip
+
+
+def status_of(exc: BaseException) -> int | None:
+    """The HTTP status an exception carries (``status_code``/``status``/``code``, on it or its ``response``)."""
+    for source in (exc, getattr(exc, "response", None)):
+        for attr in ("status_code", "status", "code"):
+            value = getattr(source, attr, None)
+            if isinstance(value, int) and 100 <= value < 600:
+                return value
+    return None
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True for errors no retry can fix (HTTP 400/401/403/404/422); everything else is worth retrying."""
+    return status_of(exc) in PERMANENT_STATUS
+
+
+def retry_after(exc: BaseException | None) -> float | None:
+    """Seconds the server asked us to wait: ``Retry-After`` in seconds or as an HTTP date, or a ``retry_after``
+    attribute; ``None`` when it did not say."""
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    value = getattr(exc, "retry_after", None)
+    if value is None and headers is not None:
+        value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except (TypeError, ValueError):
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(str(value))
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def rejected_param(exc: BaseException) -> str | None:
+    """The request parameter a 400/422 names (the openai client's ``param``, else the message), if it names one."""
+    param = getattr(exc, "param", None)
+    if isinstance(param, str) and param:
+        return param
+    message = str(exc)
+    return next((p for p in _PARAMS if re.search(rf"(?<![\w]){p}(?![\w])", message)), None)
+
+
+def model_identity(llm: LLM) -> str:
+    """``model 'x' at <api base>``: what an error message names so the user knows which LLM it was."""
+    try:
+        model = llm.metadata.model_name
+    except Exception:  # noqa: BLE001 - only used for messages
+        model = type(llm).__name__
+    base = getattr(llm, "api_base", None) or getattr(llm, "azure_endpoint", None)
+    return f"model {model!r} ({type(llm).__name__}" + (f" at {base})" if base else ")")
+
+
+def explain(exc: BaseException, llm: LLM) -> str:
+    """One paragraph for a permanent error: who refused, what they said, and how to fix it."""
+    status = status_of(exc)
+    said = getattr(exc, "message", None) or str(exc)
+    if status == 401:
+        fix = "The API key was refused: set a valid key (OPENAI_API_KEY, or api_key=... on the LLM)."
+    elif status == 403:
+        fix = "The key may not use this model or endpoint: check the key's project, organisation and model access."
+    elif status == 404:
+        fix = ("Check the model name and the API base URL (for Azure OpenAI: the deployment name and api_version); "
+               "`llama-rerank check-llm --llm ...` tries a configuration in one call.")  # fmt: skip
+    elif re.search(r"context|too long|maximum.*tokens", said, re.IGNORECASE):
+        fix = ("The prompt is longer than the model accepts: lower window_size or max_passage_tokens, or give the "
+               "LLM its real context_window.")  # fmt: skip
+    else:
+        param = rejected_param(exc)
+        fix = (f"The request was refused{f' (parameter {param!r})' if param else ''}: check the LLM's settings "
+               "(model, additional_kwargs). llama-rerank adapts logprobs, top_logprobs, temperature, max_tokens, "
+               "reasoning_effort and response_format by itself; anything else is yours to change.")  # fmt: skip
+    return f"{model_identity(llm)} refused the request with HTTP {status}: {said}\n{fix}"
+
+
+def is_openai_family(llm: LLM) -> bool:
+    """``OpenAI``, ``OpenAILike``, ``AzureOpenAI`` and subclasses (only if their module is already imported:
+    importing it for other LLMs would cost ~0.7 s)."""
+    module = sys.modules.get("llama_index.llms.openai")
+    return module is not None and isinstance(llm, module.OpenAI)
+
+
+def _is_reasoning_model(llm: LLM) -> bool:
+    from llama_index.llms.openai.utils import O1_MODELS
+
+    return getattr(llm, "model", None) in O1_MODELS
+
+
+def _without_client_retries(llm: LLM) -> LLM:
+    """A copy of an LLM whose own retries are off (ours are the only ones); the original is left as it was."""
+    if not isinstance(getattr(llm, "max_retries", None), int) or llm.max_retries == 0:
+        return llm
+    copy = llm.model_copy(update={"max_retries": 0})
+    for name in ("_client", "_aclient"):  # an openai client the LLM already built carries its own max_retries
+        client = getattr(copy, name, None)
+        if client is not None and hasattr(client, "with_options"):
+            setattr(copy, name, client.with_options(max_retries=0))
+    return copy
+
+
+class Provider:
+    """The LLM as the reranker calls it: a working copy, and the options it has been seen to accept.
+
+    Thread-safe: :meth:`adapt` changes options under a lock and bumps :attr:`version`, so requests that failed
+    for the same reason at once all resend with the adapted options, and the warning is logged once.
+    """
+
+    def __init__(self, llm: LLM, structured: bool = False) -> None:
+        self.original = llm
+        self.openai = is_openai_family(llm)
+        if structured and not self.openai:
+            raise ValueError(
+                f"structured_output=True needs an OpenAI-compatible LLM class (OpenAI, OpenAILike, AzureOpenAI), "
+                f"which sends a JSON schema as response_format; {type(llm).__name__} has no such path. "
+                "Use structured_output=False (the text answer), or OpenAILike for an OpenAI-compatible server."
+            )
+        self.llm = _without_client_retries(llm) if self.openai else llm
+        self.structured = structured
+        self.reasoning = self.openai and _is_reasoning_model(llm)
+        user_effort = getattr(llm, "reasoning_effort", None)
+        self.efforts = [user_effort] if user_effort else list(REASONING_EFFORTS) if self.reasoning else []
+        self.room = REASONING_ROOM if self.reasoning else 0
+        self.temperature: float | None = None
+        self.token_param = "max_tokens"
+        self.version = 0
+        self._lock = threading.Lock()
+        self._warned_no_logprobs = False
+
+    @property
+    def logprobs(self) -> bool:
+        """Whether the requests ask for logprobs (the LLM's own setting, until the provider refuses them)."""
+        return bool(getattr(self.llm, "logprobs", False))
+
+    def kwargs(self, max_tokens: int, schema: dict[str, Any] | None, grown: bool = False) -> dict[str, Any]:
+        """Extra keyword arguments for ``chat``/``complete``: none for LLM classes that may reject unknown ones."""
+        if not self.openai:
+            return {}
+        room = GROWN_ROOM if grown else self.room
+        kwargs: dict[str, Any] = {self.token_param: max_tokens + room}
+        if self.efforts:
+            kwargs["reasoning_effort"] = self.efforts[0]
+        if self.temperature is not None:
+            kwargs["temperature"] = self.temperature
+        if self.structured and schema is not None:
+            kwargs["response_format"] = {"type": "json_schema", "json_schema": {"name": "labels", "strict": True, "schema": schema}}
+        return kwargs
+
+    def adapt(self, exc: BaseException, version: int) -> bool:
+        """Change the option a 400/422 refused; True when the request should be sent again at once."""
+        if not self.openai or status_of(exc) not in (400, 422):
+            return False
+        with self._lock:
+            if version != self.version:  # another request already adapted: just resend
+                return True
+            change = self._change_for(rejected_param(exc), str(getattr(exc, "message", None) or exc))
+            if change is None:
+                return False
+            self.version += 1
+        logger.warning("%s refused %s; %s from now on.", model_identity(self.original), *change)
+        return True
+
+    def _change_for(self, param: str | None, message: str) -> tuple[str, str] | None:
+        """Apply the change for ``param`` (under the lock); returns (what was refused, what we do now)."""
+        llm = self.llm
+        if param == "top_logprobs" and getattr(llm, "logprobs", False):
+            most = re.search(r"(?:<=|less than or equal to|at most|maximum(?: value)?(?: of| is)?)\s*(\d+)", message)
+            if most and 0 < int(most.group(1)) < llm.top_logprobs:
+                self.llm = llm.model_copy(update={"top_logprobs": int(most.group(1))})
+                return f"top_logprobs={llm.top_logprobs}", f"asking for {most.group(1)}"
+            param = "logprobs"
+        if param == "logprobs" and getattr(llm, "logprobs", False):
+            self.llm = llm.model_copy(update={"logprobs": None})
+            return "logprobs", "sending requests without them; scores fall back to the label values"
+        if param == "temperature" and self.temperature is None:
+            self.temperature = 1.0
+            return f"temperature={getattr(llm, 'temperature', None)}", "sending the API default temperature (1)"
+        if param == "max_tokens" and self.token_param == "max_tokens":
+            self.token_param = "max_completion_tokens"
+            if getattr(llm, "max_tokens", None) is not None:
+                self.llm = llm.model_copy(update={"max_tokens": None})
+            return "max_tokens", "sending max_completion_tokens instead"
+        if param == "reasoning_effort" and self.efforts:
+            refused = self.efforts.pop(0)
+            return f"reasoning_effort={refused!r}", f"sending {self.efforts[0]!r}" if self.efforts else "sending none"
+        if param == "response_format" and self.structured:
+            self.structured = False
+            return "structured output (response_format)", "asking for the plain text answer"
+        return None
+
+    def grow(self) -> None:
+        """An answer came back empty because the budget ran out (reasoning): give later requests more room too."""
+        if self.room < GROWN_ROOM:
+            self.room = GROWN_ROOM
+            logger.warning(
+                "%s spent the whole answer budget before answering (reasoning); asking for %d more completion "
+                "tokens from now on.", model_identity(self.original), GROWN_ROOM,
+            )  # fmt: skip
+
+    def note_reply(self, has_logprobs: bool) -> None:
+        """Warn once when logprobs were asked for but the server sent none (it ignores the parameter)."""
+        if self.logprobs and not has_logprobs and not self._warned_no_logprobs:
+            self._warned_no_logprobs = True
+            logger.warning("%s was asked for logprobs but returned none; scores use the label values.",
+                           model_identity(self.original))  # fmt: skip
