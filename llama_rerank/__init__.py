@@ -3,7 +3,7 @@
 The public surface is pinned by ``tests/test_public_api.py``; everything else is internal.
 """
 
-from llama_rerank.errors import LlamaRerankError, RerankLLMError, ScaleError, StoreError
+from llama_rerank.errors import LLMConfigError, LlamaRerankError, RerankLLMError, ScaleError, StoreError
 from llama_rerank.labels import DEFAULT_SCALE, LabelScale
 from llama_rerank.postprocessor import LikelihoodRerank, RerankResult
 from llama_rerank.types import RerankUsage
@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_SCALE",
     "LabelScale",
     "LikelihoodRerank",
+    "LLMConfigError",
     "LlamaRerankError",
     "RerankLLMError",
     "RerankResult",
