@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from llama_rerank.errors import LlamaRerankError
+from llama_rerank.providers import PERMANENT_STATUS, explain, is_llm_failure, status_of
 
 WIDTH = 48
 
@@ -84,23 +85,46 @@ def build_parser() -> argparse.ArgumentParser:
     from llama_rerank.eval import add_arguments as add_eval_arguments
 
     add_eval_arguments(sub.add_parser("eval", help="score rerankers on a BEIR-layout folder or Cranfield (nDCG@10, MRR@10, Recall@N)"))
+
+    check = sub.add_parser("check-llm", help="one tiny rerank: what the LLM supports (logprobs, structured output, "
+                           "reasoning), latency, tokens per candidate, and the settings it will get")  # fmt: skip
+    check.add_argument("--llm", required=True, help="'local', 'openai:<model>', or an OpenAI-compatible server URL (vLLM, Ollama, LM Studio, llama.cpp)")
+    check.add_argument("--model", default=None, help="model name to ask a server URL for")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    try:  # a missing extra (MissingExtraError) is a LlamaRerankError too: one line naming it, exit 1
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return _run(args)
     except LlamaRerankError as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # an LLM that cannot be reached or refuses: one line, not a traceback
+        if not is_llm_failure(exc):
+            raise
+        print(_llm_failure(exc, args.llm), file=sys.stderr)
+        return 1
+
+
+def _llm_failure(exc: BaseException, spec: str) -> str:
+    status = status_of(exc)
+    if status in PERMANENT_STATUS:
+        return f"LLMConfigError: {explain(exc, f'--llm {spec}')}"
+    return (f"LLM error: --llm {spec} failed ({type(exc).__name__}: {exc}). Is the server running and reachable at that "
+            f"address, and the model name right? `llama-rerank check-llm --llm {spec}` tries it with one call.")  # fmt: skip
 
 
 def _run(args: argparse.Namespace) -> int:
     from llama_rerank import pipeline, store
     from llama_rerank.postprocessor import LikelihoodRerank
 
+    if args.command == "check-llm":
+        from llama_rerank.doctor import check_llm
+
+        print(check_llm(pipeline.make_llm(args.llm, model=args.model), **pipeline.reranker_defaults(args.llm)))
+        return 0
     embed_model = pipeline.default_embedding()
     if args.command == "eval":
         from llama_rerank.eval import command

@@ -68,7 +68,7 @@ class Judge:
             usage.prompt_tokens += result.prompt_tokens
             usage.completion_tokens += result.completion_tokens
             usage.retries += result.retries
-            pending = self._read(result, pending, out)
+            pending = self._read(result, pending, out, usage)
             if not pending:
                 return
         usage.unparsed += len(pending)
@@ -80,7 +80,9 @@ class Judge:
         for c in pending:
             out[c.index] = Judgement(None, self.scale.neutral, "unparsed")
 
-    def _read(self, reply: LLMReply, pending: list[Candidate], out: dict[int, Judgement]) -> list[Candidate]:
+    def _read(
+        self, reply: LLMReply, pending: list[Candidate], out: dict[int, Judgement], usage: RerankUsage
+    ) -> list[Candidate]:
         """Record the labels read from ``reply``; return the candidates still unlabelled."""
         parsed = parse_labels(reply.text, len(pending), self.scale)
         aligned = align_tokens(reply.text, reply.logprobs) if self.scoring != "label" and reply.logprobs else None
@@ -93,6 +95,7 @@ class Judge:
                 out[pending[i - 1].index] = Judgement(label, self.scale.score(label), "label")
             else:
                 out[pending[i - 1].index] = Judgement(label, expected, "logprobs")
+                usage.logprob_scored += 1
         return [pending[i - 1] for i in parsed.missing]
 
     def _fail(self, pending: list[Candidate], error: Exception, out: dict[int, Judgement], usage: RerankUsage) -> None:

@@ -22,7 +22,7 @@ from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception
 from llama_rerank.budget import Encode
 from llama_rerank.errors import LLMConfigError
 from llama_rerank.parse import answer_part
-from llama_rerank.providers import Provider, explain, is_permanent, retry_after
+from llama_rerank.providers import Provider, explain, is_permanent, model_identity, retry_after
 
 logger = logging.getLogger(__name__)
 
@@ -122,14 +122,14 @@ class LLMCaller:
                 if provider.adapt(outcome, version):
                     continue
                 if is_permanent(outcome):
-                    raise LLMConfigError(explain(outcome, provider.original)) from outcome
+                    raise LLMConfigError(explain(outcome, model_identity(provider.original))) from outcome
                 raise outcome
             if provider.openai and not grown and _finish_reason(outcome) == "length" and not answer_part(_text(outcome)).strip():
                 grown = True
                 provider.grow()
                 continue
             return outcome
-        raise LLMConfigError(f"{provider.original!r} kept refusing the request after {MAX_RESENDS} adaptations")
+        raise LLMConfigError(f"{model_identity(provider.original)} kept refusing the request after {MAX_RESENDS} adaptations")
 
     def _request(self, prompt: Prompt, kwargs: dict[str, Any]) -> Any:
         llm = self.provider.llm

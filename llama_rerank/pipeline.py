@@ -15,17 +15,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import platformdirs
 from llama_index.core import VectorStoreIndex, get_response_synthesizer
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.llms import LLM
 from llama_index.core.schema import NodeWithScore
 
+from llama_rerank._extras import require
 from llama_rerank.errors import LlamaRerankError
 from llama_rerank.postprocessor import LikelihoodRerank
 from llama_rerank.types import RerankUsage
 
-DATA_DIR = Path(platformdirs.user_data_dir("llama-rerank"))
+DATA_DIR = Path(require("platformdirs", "chroma").user_data_dir("llama-rerank"))
 DEFAULT_STORE = DATA_DIR / "chroma"
 DEMO_STORE = DATA_DIR / "demo-chroma"
 
@@ -33,7 +33,9 @@ DEMO_STORE = DATA_DIR / "demo-chroma"
 def make_llm(spec: str = "local", model: str | None = None, context_window: int = 4096) -> LLM:
     """``local`` (the bundled model), ``openai:<model>`` (needs OPENAI_API_KEY) or an OpenAI-compatible server URL.
 
-    Every choice asks for token log-probabilities, which ``LikelihoodRerank`` turns into scores.
+    Every choice asks for token log-probabilities, which ``LikelihoodRerank`` turns into scores (it stops asking,
+    with a warning, if the provider refuses them). The client retries once: the reranker runs its own retries with
+    the client's turned off, and the answer step should fail in seconds, not minutes, when the server is down.
     """
     if spec == "local":
         from llama_rerank.runtime import local_llm
@@ -42,15 +44,14 @@ def make_llm(spec: str = "local", model: str | None = None, context_window: int 
     if spec.startswith("openai:"):
         if not os.environ.get("OPENAI_API_KEY"):
             raise LlamaRerankError(f"--llm {spec} needs the OPENAI_API_KEY environment variable set")
-        from llama_index.llms.openai import OpenAI
-
-        return OpenAI(model=spec.split(":", 1)[1], temperature=0.0, logprobs=True, top_logprobs=5)
+        OpenAI = require("llama_index.llms.openai", "openai").OpenAI
+        return OpenAI(model=spec.split(":", 1)[1], temperature=0.0, logprobs=True, top_logprobs=5, max_retries=1)
     if spec.startswith(("http://", "https://")):
-        from llama_index.llms.openai_like import OpenAILike
-
+        OpenAILike = require("llama_index.llms.openai_like", "openai").OpenAILike
         return OpenAILike(
             api_base=spec, model=model or "default", api_key=os.environ.get("OPENAI_API_KEY", "not-needed"),
             is_chat_model=True, context_window=context_window, temperature=0.0, logprobs=True, top_logprobs=5,
+            max_retries=1,
         )  # fmt: skip
     raise LlamaRerankError(f"unknown --llm {spec!r}: use 'local', 'openai:<model>' or an OpenAI-compatible server URL")
 

@@ -90,8 +90,8 @@ def model_identity(llm: LLM) -> str:
     return f"model {model!r} ({type(llm).__name__}" + (f" at {base})" if base else ")")
 
 
-def explain(exc: BaseException, llm: LLM) -> str:
-    """One paragraph for a permanent error: who refused, what they said, and how to fix it."""
+def explain(exc: BaseException, who: str) -> str:
+    """One line for a permanent error: ``who`` refused, what they said, and how to fix it."""
     status = status_of(exc)
     said = getattr(exc, "message", None) or str(exc)
     if status == 401:
@@ -109,7 +109,14 @@ def explain(exc: BaseException, llm: LLM) -> str:
         fix = (f"The request was refused{f' (parameter {param!r})' if param else ''}: check the LLM's settings "
                "(model, additional_kwargs). llama-rerank adapts logprobs, top_logprobs, temperature, max_tokens, "
                "reasoning_effort and response_format by itself; anything else is yours to change.")  # fmt: skip
-    return f"{model_identity(llm)} refused the request with HTTP {status}: {said}\n{fix}"
+    return f"{who} refused the request with HTTP {status}: {said.rstrip('.')}. {fix}"
+
+
+def is_llm_failure(exc: BaseException) -> bool:
+    """An error an LLM client raises: it carries an HTTP status, or is a timeout, a connection error, or comes from
+    the openai/httpx stack. The CLI turns these into one line instead of a traceback."""
+    module = type(exc).__module__.split(".")[0]
+    return status_of(exc) is not None or isinstance(exc, (TimeoutError, ConnectionError)) or module in ("openai", "httpx", "httpcore")
 
 
 def is_openai_family(llm: LLM) -> bool:

@@ -33,6 +33,7 @@ class RerankUsage:
     completion_tokens: int = 0
     retries: int = 0
     followup_calls: int = 0
+    logprob_scored: int = 0  # judgements scored as expected values under the label probabilities (per pass)
     unparsed: int = 0
     failed_windows: int = 0
     wall_time_s: float = 0.0

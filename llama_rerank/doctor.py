@@ -1,0 +1,115 @@
+"""``check-llm``: what an LLM supports, found with one tiny rerank (and one with structured output, where offered).
+
+It reports whether the LLM answered, whether its replies carried usable logprobs, whether it takes a JSON schema,
+whether it is a reasoning model and what the reranker adapted, the latency and tokens per candidate, and the
+settings the reranker will use with it. A refused request ends in :class:`~llama_rerank.errors.LLMConfigError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from llama_index.core.llms import LLM
+from llama_index.core.schema import NodeWithScore, TextNode
+
+from llama_rerank.postprocessor import LikelihoodRerank, RerankResult
+from llama_rerank.providers import is_openai_family, model_identity
+
+QUERY = "How long should an espresso shot take to pull?"
+PASSAGES = (
+    "A double espresso is usually pulled in 25 to 30 seconds from the moment the pump starts.",
+    "Oat milk steams best at a slightly lower temperature than dairy milk.",
+    "Descale a single-boiler machine every two to three months with hard water.",
+)
+
+
+@dataclass
+class LLMCheck:
+    """What one check found; ``str()`` gives the report the CLI prints."""
+
+    llm: str
+    latency_s: float = 0.0
+    tokens_per_candidate: float = 0.0
+    labelled: int = 0
+    logprobs: bool = False
+    structured: str = "not tried"
+    reasoning: bool = False
+    settings: dict[str, object] = field(default_factory=dict)
+    adaptations: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        rows = [
+            f"LLM:             {self.llm}",
+            f"answered:        {self.labelled} of {len(PASSAGES)} passages labelled in {self.latency_s:.1f} s "
+            f"({self.tokens_per_candidate:.0f} tokens per candidate)",
+            f"logprobs:        {'yes: scores are expected values of the label probabilities' if self.logprobs else 'no: scores are the label values'}",
+            f"structured out:  {self.structured}",
+            f"reasoning model: {'yes' if self.reasoning else 'no'}",
+        ]
+        rows += [f"adapted:         {line}" for line in self.adaptations]
+        rows.append("will use:        " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
+        return "\n".join(rows)
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _nodes() -> list[NodeWithScore]:
+    return [NodeWithScore(node=TextNode(text=text, id_=f"check-{i}"), score=1 - i / 10) for i, text in enumerate(PASSAGES)]
+
+
+def _rerank(reranker: LikelihoodRerank) -> tuple[RerankResult, float, list[str]]:
+    collect = _Collect()
+    watched = [logging.getLogger(name) for name in ("llama_rerank.providers", "llama_rerank.engine", "llama_rerank.llm")]
+    for logger in watched:
+        logger.addHandler(collect)
+    started = time.perf_counter()
+    try:
+        result = reranker.rerank(QUERY, _nodes())
+    finally:
+        for logger in watched:
+            logger.removeHandler(collect)
+    return result, time.perf_counter() - started, collect.lines
+
+
+def check_llm(llm: LLM, **settings: object) -> LLMCheck:
+    """Rerank three passages with ``llm`` (and again with structured output for OpenAI-compatible classes)."""
+    reranker = LikelihoodRerank(llm=llm, top_n=len(PASSAGES), max_retries=0, **settings)
+    result, latency, warnings = _rerank(reranker)
+    usage, nodes = result.usage, result.nodes
+    if usage.failed_windows:
+        raise ConnectionError(f"{model_identity(llm)} did not answer: {'; '.join(usage.errors)}")
+    provider = reranker._calls
+    check = LLMCheck(
+        llm=model_identity(llm),
+        latency_s=latency,
+        tokens_per_candidate=(usage.prompt_tokens + usage.completion_tokens) / len(PASSAGES),
+        labelled=sum(n.node.metadata["rerank_label"] is not None for n in nodes),
+        logprobs=usage.logprob_scored > 0,
+        reasoning=provider.reasoning or provider.room > 0,
+        adaptations=warnings,
+    )
+    if is_openai_family(llm):
+        structured = LikelihoodRerank(llm=llm, top_n=len(PASSAGES), max_retries=0, structured_output=True, **settings)
+        s_result, s_latency, s_warnings = _rerank(structured)
+        s_labelled = sum(n.node.metadata["rerank_label"] is not None for n in s_result.nodes)
+        if not structured._calls.structured:
+            check.structured = "refused by the server (text answers work)"
+        else:
+            check.structured = f"yes: {s_labelled} of {len(PASSAGES)} labelled in {s_latency:.1f} s"
+        check.adaptations += [w for w in s_warnings if w not in check.adaptations]
+    kwargs = provider.kwargs(0, None)
+    check.settings = {
+        "scoring": "logprobs" if check.logprobs else "label",
+        **{k: v for k, v in kwargs.items() if k not in ("max_tokens", "max_completion_tokens")},
+        **({"token limit": next(k for k in kwargs if k.startswith("max_"))} if kwargs else {}),
+    }
+    return check
