@@ -2,7 +2,7 @@
 
 A call is an *exchange* (:meth:`LLMCaller._exchange`, written once for both paths): send; on a refused option,
 let the :class:`~llama_rerank.providers.Provider` adapt and send again; on an empty answer cut off by the token
-budget, send once more with room to think; on a permanent error, raise
+budget (or one cut short after visible reasoning), send once more with room to think; on a permanent error, raise
 :class:`~llama_rerank.errors.LLMConfigError`. Transient errors leave the exchange and are retried around it with
 backoff (honouring ``Retry-After``), at most ``max_retries`` times.
 """
@@ -94,6 +94,16 @@ def _text(response: Any) -> str:
     return (response.message.content if hasattr(response, "message") else response.text) or ""
 
 
+def _cut_off_while_thinking(response: Any) -> bool:
+    """The token budget ran out (``finish_reason="length"``) before the answer: it is empty, or it follows
+    reasoning written into the text (``<think>``), which used up the budget meant for the labels."""
+    if _finish_reason(response) != "length":
+        return False
+    text = _text(response)
+    answer = answer_part(text)
+    return not answer.strip() or answer != text
+
+
 class LLMCaller:
     """Calls the provider's LLM for one rendered prompt; chat or completion is decided by the prompt's type."""
 
@@ -124,7 +134,7 @@ class LLMCaller:
                 if is_permanent(outcome):
                     raise LLMConfigError(explain(outcome, model_identity(provider.original))) from outcome
                 raise outcome
-            if provider.openai and not grown and _finish_reason(outcome) == "length" and not answer_part(_text(outcome)).strip():
+            if provider.openai and not grown and _cut_off_while_thinking(outcome):
                 grown = True
                 provider.grow()
                 continue

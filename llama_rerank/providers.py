@@ -36,6 +36,11 @@ _PARAMS = ("top_logprobs", "logprobs", "max_completion_tokens", "max_tokens", "t
            "response_format")  # fmt: skip
 
 
+# "Expected a value <= 20" (OpenAI), "greater than max allowed: 20" (vLLM), "must be between 0 and 20" (Ollama)
+_MAXIMUM = re.compile(r"(?:<=|less than or equal to|at most|maximum(?: value)?(?: of| is)?|max allowed:?|between \d+ and)"
+                      r"\s*(\d+)", re.IGNORECASE)  # fmt: skip
+
+
 def status_of(exc: BaseException) -> int | None:
     """The HTTP status an exception carries (``status_code``/``status``/``code``, on it or its ``response``)."""
     for source in (exc, getattr(exc, "response", None)):
@@ -208,8 +213,8 @@ class Provider:
     def _change_for(self, param: str | None, message: str) -> tuple[str, str] | None:
         """Apply the change for ``param`` (under the lock); returns (what was refused, what we do now)."""
         llm = self.llm
-        if param == "top_logprobs" and getattr(llm, "logprobs", False):
-            most = re.search(r"(?:<=|less than or equal to|at most|maximum(?: value)?(?: of| is)?)\s*(\d+)", message)
+        if param in ("logprobs", "top_logprobs") and getattr(llm, "logprobs", False):
+            most = _MAXIMUM.search(message)
             if most and 0 < int(most.group(1)) < llm.top_logprobs:
                 self.llm = llm.model_copy(update={"top_logprobs": int(most.group(1))})
                 return f"top_logprobs={llm.top_logprobs}", f"asking for {most.group(1)}"
