@@ -208,9 +208,10 @@ class Reply:
 
 
 def openai_error(status: int, message: str, type_: str, code: Optional[str] = None,
-                 param: Optional[str] = None, headers: Mapping[str, str] = {}) -> Reply:
+                 param: Optional[str] = None, headers: Optional[Mapping[str, str]] = None) -> Reply:
     """A reply with OpenAI's error body ``{"error": {message, type, param, code}}``."""
-    return Reply(status, {"error": {"message": message, "type": type_, "param": param, "code": code}}, headers)
+    return Reply(status, {"error": {"message": message, "type": type_, "param": param, "code": code}},
+                 dict(headers or {}))
 
 
 def rate_limited(retry_after: str) -> Reply:
@@ -295,21 +296,6 @@ def _model_not_found(profile: Profile, model: Any) -> Reply:
 Segment = tuple[str, Optional[str]]  # text, and the label it spells (its first token gets label alternatives)
 
 
-def _text_segments(judged: Mapping[str, str]) -> list[Segment]:
-    segments: list[Segment] = []
-    for n, (pid, label) in enumerate(judged.items()):
-        segments += [("\n" if n else "", None), (f"[{pid}]", None), (" " + label, label)]
-    return [s for s in segments if s[0]]
-
-
-def _json_segments(judged: Mapping[str, str]) -> list[Segment]:
-    segments: list[Segment] = [("{", None)]
-    for n, (key, label) in enumerate(judged.items()):
-        segments += [(("" if n == 0 else ", ") + json.dumps(key) + ': "', None), (json.dumps(label)[1:-1], label),
-                     ('"', None)]
-    return segments + [("}", None)]
-
-
 def _schema_enums(schema: Mapping[str, Any]) -> dict[str, list[str]]:
     """``{property: enum}`` of a flat object schema; local ``$ref``s (pydantic's ``$defs``) are followed."""
     def resolve(node: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -324,10 +310,9 @@ def _schema_enums(schema: Mapping[str, Any]) -> dict[str, list[str]]:
     enums = {}
     for key, node in (schema.get("properties") or {}).items():
         node = resolve(node)
-        options = node.get("enum") or [resolve(alt).get("const") for alt in node.get("anyOf", [])]
-        if not options or None in options:
+        if not node.get("enum"):
             raise ValueError(f"stub: property {key!r} of the response schema has no enum of labels")
-        enums[key] = list(options)
+        enums[key] = list(node["enum"])
     if not enums:
         raise ValueError("stub: the response schema has no properties to fill")
     return enums
@@ -367,10 +352,6 @@ def _logprobs(tokens: list[tuple[str, Optional[str]]], labels: tuple[str, ...], 
     return content
 
 
-def _decoy(label: str, labels: tuple[str, ...]) -> str:
-    return labels[0] if label != labels[0] else labels[-1]
-
-
 def _check(profile: Profile, body: Mapping[str, Any]) -> Optional[Reply]:
     """The provider's 400 for a parameter it rejects, or None."""
     dialect, reasoning = profile.dialect, profile.reasoning
@@ -408,6 +389,32 @@ def _check(profile: Profile, body: Mapping[str, Any]) -> Optional[Reply]:
     return None
 
 
+def _answer_segments(profile: Profile, body: Mapping[str, Any], judged: Mapping[str, str]) -> list[Segment]:
+    """``[i] label`` lines, or the JSON object a ``json_schema`` response format asks for (ValueError if unfillable)."""
+    response_format = body.get("response_format") or {}
+    if response_format.get("type") != "json_schema" or profile.structured != "yes":
+        return [segment for n, (pid, label) in enumerate(judged.items())
+                for segment in ((("\n" if n else "") + f"[{pid}]", None), (" " + label, label))]
+    enums = _schema_enums((response_format.get("json_schema") or {}).get("schema") or {})
+    bad = {key: judged.get(key) for key, enum in enums.items() if judged.get(key) not in enum}
+    if bad:
+        raise ValueError(f"stub: no judged label in the schema's enum for {bad}")
+    segments: list[Segment] = [("{", None)]
+    for n, key in enumerate(enums):
+        segments += [(("" if n == 0 else ", ") + json.dumps(key) + ': "', None),
+                     (json.dumps(judged[key])[1:-1], judged[key]), ('"', None)]
+    return segments + [("}", None)]
+
+
+def _thought_segments(judged: Mapping[str, str], labels: tuple[str, ...]) -> list[Segment]:
+    """A thinking model's reasoning, with decoy ``[i] label`` lines that differ from the answer."""
+    segments: list[Segment] = [("Let me check each passage against the query.", None)]
+    for pid, label in judged.items():
+        decoy = labels[0] if label != labels[0] else labels[-1]
+        segments += [(f"\n[{pid}]", None), (" " + decoy, decoy)]
+    return segments + [("\nNow I will answer.", None)]
+
+
 def answer(profile: Profile, body: Mapping[str, Any], model: Any) -> Reply:
     """The provider's reply to one chat-completions request body."""
     if profile.strict_model and model != profile.model:
@@ -419,42 +426,24 @@ def answer(profile: Profile, body: Mapping[str, Any], model: Any) -> Reply:
         return rejected
     prompt = read_prompt(body["messages"])
     judged = {pid: profile.judge(prompt.query, text) for pid, text in prompt.passages.items()}
-    response_format = body.get("response_format") or {}
-    if response_format.get("type") == "json_schema" and profile.structured == "yes":
-        schema = (response_format.get("json_schema") or {}).get("schema") or {}
-        try:
-            enums = _schema_enums(schema)
-        except ValueError as exc:
-            return _error(profile.dialect, 400, str(exc), "response_format")
-        bad = {key: judged.get(key) for key, enum in enums.items() if judged.get(key) not in enum}
-        if bad:
-            return _error(profile.dialect, 400, f"stub: no judged label in the schema's enum for {bad}",
-                          "response_format")
-        segments = _json_segments({key: judged[key] for key in enums})
-    else:
-        segments = _text_segments(judged)
-
-    thought: list[Segment] = []
-    if profile.thinking:
-        thought = [("Let me check each passage against the query.", None)]
-        for pid, label in judged.items():
-            decoy = _decoy(label, prompt.labels)
-            thought += [(f"\n[{pid}]", None), (" " + decoy, decoy)]
-        thought.append(("\nNow I will answer.", None))
+    try:
+        segments = _answer_segments(profile, body, judged)
+    except ValueError as exc:
+        return _error(profile.dialect, 400, str(exc), "response_format")
+    thought = _thought_segments(judged, prompt.labels) if profile.thinking else []
     if profile.thinking == "inline":
-        segments = [("<think>\n", None), *thought, ("\n</think>\n\n", None), *segments]
-        thought = []
+        segments, thought = [("<think>\n", None), *thought, ("\n</think>\n\n", None), *segments], []
 
-    hidden = 0
-    if profile.reasoning is not None:
-        hidden = profile.reasoning.need[body.get("reasoning_effort") or profile.reasoning.default]
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    # Hidden reasoning, then visible reasoning, then the answer, all within max_completion_tokens (or max_tokens).
+    reasoning = profile.reasoning
+    hidden = reasoning.need[body.get("reasoning_effort") or reasoning.default] if reasoning else 0
     thought_tokens, answer_tokens = _tokens(thought), _tokens(segments)
     wanted = hidden + len(thought_tokens) + len(answer_tokens)
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
     if limit is not None and wanted > limit:
         hidden = min(hidden, limit)
         thought_tokens = thought_tokens[: limit - hidden]
-        answer_tokens = answer_tokens[: max(0, limit - hidden - len(thought_tokens))]
+        answer_tokens = answer_tokens[: limit - hidden - len(thought_tokens)]
     used = hidden + len(thought_tokens) + len(answer_tokens)
 
     message: dict[str, Any] = {"role": "assistant", "content": "".join(tok for tok, _ in answer_tokens)}
