@@ -242,3 +242,21 @@ async def test_nothing_listening_fails_fast_and_degrades(caplog):
     assert time.perf_counter() - started < 15
     assert result.usage.failed_windows == 1 and len(result.nodes) == len(TEXTS)
     assert "APIConnectionError" in caplog.text
+
+
+async def test_the_readmes_gpt5_line_works_with_only_a_key(monkeypatch, caplog):
+    """`LikelihoodRerank(llm=OpenAI(model="gpt-5-mini"), top_n=5)` with OPENAI_API_KEY set, as the README says."""
+    with StubServer("openai-reasoning", api_key="sk-only-this") as stub:
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-only-this")
+        monkeypatch.setenv("OPENAI_API_BASE", stub.url)  # the stub stands in for the API
+        result = LikelihoodRerank(llm=OpenAI(model="gpt-5-mini"), top_n=5).rerank(QUERY, nodes())
+    assert ranked_first(result) == RELEVANT and result.usage.failed_windows == 0 and result.usage.unparsed == 0
+    assert "refused" in caplog.text  # the one adaptation (reasoning_effort 'none' -> 'minimal') is said once
+
+
+async def test_the_readmes_ollama_construction_scores_with_logprobs():
+    with StubServer("ollama") as stub:
+        llm = OpenAILike(model="qwen2.5:7b", api_base=stub.url, api_key="ollama", is_chat_model=True,
+                         context_window=8192, temperature=0, logprobs=True, top_logprobs=5)  # fmt: skip
+        result = LikelihoodRerank(llm=llm, top_n=5).rerank(QUERY, nodes())
+    assert ranked_first(result) == RELEVANT and result.usage.logprob_scored == len(TEXTS)
