@@ -69,14 +69,16 @@ def _nodes() -> list[NodeWithScore]:
 def _rerank(reranker: LikelihoodRerank) -> tuple[RerankResult, float, list[str]]:
     collect = _Collect()
     watched = [logging.getLogger(name) for name in ("llama_rerank.providers", "llama_rerank.engine", "llama_rerank.llm")]
-    for logger in watched:
+    for logger in watched:  # the report says what they said; do not print it twice
         logger.addHandler(collect)
+        logger.propagate = False
     started = time.perf_counter()
     try:
         result = reranker.rerank(QUERY, _nodes())
     finally:
         for logger in watched:
             logger.removeHandler(collect)
+            logger.propagate = True
     return result, time.perf_counter() - started, collect.lines
 
 
@@ -95,7 +97,7 @@ def check_llm(llm: LLM, **settings: object) -> LLMCheck:
         labelled=sum(n.node.metadata["rerank_label"] is not None for n in nodes),
         logprobs=usage.logprob_scored > 0,
         reasoning=provider.reasoning or provider.room > 0,
-        adaptations=warnings,
+        adaptations=[w.replace(model_identity(llm) + " ", "") for w in warnings],
     )
     if is_openai_family(llm):
         structured = LikelihoodRerank(llm=llm, top_n=len(PASSAGES), max_retries=0, structured_output=True, **settings)
@@ -105,11 +107,10 @@ def check_llm(llm: LLM, **settings: object) -> LLMCheck:
             check.structured = "refused by the server (text answers work)"
         else:
             check.structured = f"yes: {s_labelled} of {len(PASSAGES)} labelled in {s_latency:.1f} s"
-        check.adaptations += [w for w in s_warnings if w not in check.adaptations]
+        check.adaptations += [w.replace(model_identity(llm) + " ", "") for w in s_warnings if "response_format" in w]
     kwargs = provider.kwargs(0, None)
-    check.settings = {
-        "scoring": "logprobs" if check.logprobs else "label",
-        **{k: v for k, v in kwargs.items() if k not in ("max_tokens", "max_completion_tokens")},
-        **({"token limit": next(k for k in kwargs if k.startswith("max_"))} if kwargs else {}),
-    }
+    check.settings = {"scoring": "logprobs" if check.logprobs else "label",
+                      **{k: v for k, v in kwargs.items() if k != "max_tokens"}}  # fmt: skip
+    if provider.room:
+        check.settings["completion tokens for reasoning"] = provider.room
     return check
