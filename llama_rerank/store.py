@@ -4,6 +4,7 @@
 Every chunk carries its file's path and content hash, so re-ingesting an unchanged file adds nothing, a changed file's
 new chunks are written before its old ones are deleted (an interruption never leaves a file without chunks), and
 ``prune`` removes files that are gone. A lock serialises ingests into the same store.
+Needs ``pip install 'llama-rerank[chroma]'`` (chromadb is imported where it is used).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
-from filelock import FileLock
 from llama_index.core import Document, SimpleDirectoryReader, VectorStoreIndex
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.node_parser import SentenceSplitter
@@ -23,6 +23,7 @@ from llama_index.core.schema import BaseNode
 from llama_index.core.vector_stores.types import BasePydanticVectorStore
 from tqdm import tqdm
 
+from llama_rerank._extras import require
 from llama_rerank.errors import StoreError
 
 logger = logging.getLogger(__name__)
@@ -52,10 +53,8 @@ class IngestReport:
 
 
 def _client(store: str | Path) -> Any:
-    import chromadb
-    from chromadb.config import Settings as ChromaSettings
-
-    settings = ChromaSettings(anonymized_telemetry=False)
+    chromadb = require("chromadb", "chroma")
+    settings = require("chromadb.config", "chroma").Settings(anonymized_telemetry=False)
     text = str(store)
     if text.startswith(("http://", "https://")):
         url = urlparse(text)
@@ -101,8 +100,7 @@ def open_collection(
 
 
 def vector_store(store: str | Path, collection: str, embed_model: BaseEmbedding, create: bool = False) -> BasePydanticVectorStore:
-    from llama_index.vector_stores.chroma import ChromaVectorStore
-
+    ChromaVectorStore = require("llama_index.vector_stores.chroma", "chroma").ChromaVectorStore
     return ChromaVectorStore(chroma_collection=open_collection(store, collection, embed_model, create))
 
 
@@ -160,9 +158,10 @@ def ingest(
     files = list(_files(folder))
     if not files:
         raise StoreError(f"{folder} holds no files to ingest")
+    require("chromadb", "chroma")  # before the store folder is made
     report = IngestReport()
     splitter = SentenceSplitter(chunk_size=chunk_size, chunk_overlap=chunk_overlap)
-    with FileLock(str(_lock_dir(store) / LOCK_NAME), timeout=600):
+    with require("filelock", "chroma").FileLock(str(_lock_dir(store) / LOCK_NAME), timeout=600):
         coll = open_collection(store, collection, embed_model, create=True)
         seen: set[str] = set()
         for path in tqdm(files, desc="ingest", unit="file", disable=not progress):
@@ -229,8 +228,7 @@ def _lock_dir(store: str | Path) -> Path:
     """The store folder itself, or for a server URL a per-user folder named after it."""
     if not str(store).startswith(("http://", "https://")):
         return _local_dir(store)
-    import platformdirs
-
+    platformdirs = require("platformdirs", "chroma")
     path = Path(platformdirs.user_cache_dir("llama-rerank")) / "locks" / hashlib.sha256(str(store).encode()).hexdigest()[:16]
     path.mkdir(parents=True, exist_ok=True)
     return path

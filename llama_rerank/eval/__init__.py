@@ -9,9 +9,7 @@ Heavy dependencies (ir-measures, scipy, matplotlib, RankGPT) are imported where 
 from __future__ import annotations
 
 import argparse
-import importlib
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from llama_rerank.errors import LlamaRerankError
@@ -21,14 +19,6 @@ DEFAULT_SYSTEMS = "first-stage,likelihood,likelihood-label,llm-rerank,rankgpt"
 
 class EvalError(LlamaRerankError):
     """An evaluation that cannot run as asked: unknown data layout, system, parameter or query split."""
-
-
-def require(module: str) -> ModuleType:
-    """Import ``module`` or raise an ``ImportError`` that names the extra to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ImportError(f"llama-rerank eval needs {module}: pip install 'llama-rerank[eval]'") from exc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ import math
 import warnings
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from llama_rerank.eval import require
+from llama_rerank._extras import require
 from llama_rerank.eval.systems import FIRST_STAGE
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ def doc_ranking(chunk_docs: Sequence[str]) -> list[str]:
 
 def per_query(rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]], top_n: int) -> dict[str, dict[str, float]]:
     """``{query id: {"ndcg@10", "mrr@10", "recall@N"}}`` for every query of ``rankings``."""
-    ir = require("ir_measures")
+    ir = require("ir_measures", "eval")
     measures = {NDCG: ir.parse_measure("nDCG@10"), MRR: ir.parse_measure("RR@10"), recall_key(top_n): ir.parse_measure(f"R@{top_n}")}
     names = {measure: name for name, measure in measures.items()}
     judged = [ir.Qrel(q, doc, gain) for q in rankings for doc, gain in qrels.get(q, {}).items()]
@@ -46,7 +46,7 @@ def per_query(rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping
 
 def paired_tests(system: Sequence[float], baseline: Sequence[float]) -> dict[str, float | None]:
     """Two-sided p-values of ``scipy.stats.ttest_rel`` and ``wilcoxon`` on paired per-query values."""
-    stats = require("scipy.stats")
+    stats = require("scipy.stats", "eval")
     out: dict[str, float | None] = {}
     for name, test in (("ttest_rel", stats.ttest_rel), ("wilcoxon", stats.wilcoxon)):
         p: float | None = None

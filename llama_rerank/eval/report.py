@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from llama_rerank.eval import EvalError, require
+from llama_rerank._extras import require
+from llama_rerank.eval import EvalError
 from llama_rerank.eval.metrics import MRR, NDCG, recall_key
 
 if TYPE_CHECKING:
@@ -62,9 +63,8 @@ def write_json(path: str | Path, run: "EvalRun", scores: Mapping[str, Mapping[st
 
 def plot(path: str | Path, scores: Mapping[str, Mapping[str, Any]], top_n: int, dataset: str) -> None:
     """Grouped bars: nDCG@10, MRR@10 and Recall@N of each system."""
-    require("matplotlib")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "eval").FigureCanvasAgg
+    Figure = require("matplotlib.figure", "eval").Figure
 
     metrics = [(NDCG, "nDCG@10"), (MRR, "MRR@10"), (recall_key(top_n), f"Recall@{top_n}")]
     names = list(scores)

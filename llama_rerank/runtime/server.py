@@ -25,7 +25,9 @@ import urllib.request
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
-from .model import INSTALL_HINT, MODEL_NAME, model_path
+from llama_rerank._extras import MissingExtraError, require
+
+from .model import MODEL_NAME, model_path
 
 if TYPE_CHECKING:
     from llama_index.llms.openai_like import OpenAILike
@@ -82,7 +84,7 @@ class LocalServer:
             return self.address
         self.stop()  # reap a crashed child and close its log
         if importlib.util.find_spec("xllamacpp") is None:
-            raise ImportError(f"The local LLM server needs xllamacpp: {INSTALL_HINT}")
+            raise MissingExtraError("The local LLM server needs xllamacpp", "local")
         model = self.model or model_path()
         package_root = str(Path(__file__).resolve().parents[2])  # importable even when not installed
         pythonpath = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
@@ -179,8 +181,7 @@ def shutdown() -> None:
 
 def local_llm(**overrides: Any) -> OpenAILike:
     """An OpenAILike LLM talking to the process-wide local server; ``overrides`` win."""
-    from llama_index.llms.openai_like import OpenAILike
-
+    OpenAILike = require("llama_index.llms.openai_like", "local").OpenAILike
     settings: dict[str, Any] = {
         "model": MODEL_NAME,
         "api_base": get_server().address + "/v1",
