@@ -1,10 +1,11 @@
 """Runs the windows: prompt -> LLM -> parse -> judgements, with follow-ups and the failure policy.
 
 One window's steps are written once, as a generator that yields prompts and receives replies (or the error that
-ended the call); the sync path drives windows on a thread pool and the async path with ``asyncio`` tasks, both
-bounded by ``max_concurrency``. Windows are independent: labels are absolute, not relative to the window. With
-``reverse_pass`` every window is judged a second time in reversed order, concurrently with the first pass, and
-the two scores are averaged.
+ended the call); the sync path drives windows on a thread pool and the async path with ``asyncio`` tasks. Every
+call holds a slot of the reranker's :class:`~llama_rerank.concurrency.CallLimit`, shared by all its concurrent
+runs, so ``max_concurrency`` bounds the calls in flight across queries, threads and event loops. Windows are
+independent: labels are absolute, not relative to the window. With ``reverse_pass`` every window is judged a
+second time in reversed order, concurrently with the first pass, and the two scores are averaged.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Generator, Sequence
 from llama_index.core.prompts import BasePromptTemplate
 
 from llama_rerank.budget import Encode, answer_tokens
+from llama_rerank.concurrency import CallLimit
 from llama_rerank.errors import LLMConfigError, RerankLLMError
 from llama_rerank.labels import LabelScale
 from llama_rerank.llm import LLMCaller, LLMReply
@@ -45,7 +47,7 @@ class Judge:
     scoring: str
     followups: int
     on_error: str
-    max_concurrency: int
+    limit: CallLimit
     encode: Encode
     reverse_pass: bool = False
 
@@ -120,7 +122,8 @@ class Judge:
             prompt = next(steps)
             while True:
                 try:
-                    reply: LLMReply | Exception = self.caller.call(*prompt)
+                    with self.limit:
+                        reply: LLMReply | Exception = self.caller.call(*prompt)
                 except Exception as exc:  # noqa: BLE001 - the policy in _fail decides
                     reply = exc
                 prompt = steps.send(reply)
@@ -128,14 +131,14 @@ class Judge:
             pass
 
     async def _arun_window(
-        self, query: str, window: Sequence[Candidate], out: dict[int, Judgement], usage: RerankUsage, gate: asyncio.Semaphore
+        self, query: str, window: Sequence[Candidate], out: dict[int, Judgement], usage: RerankUsage
     ) -> None:
         steps = self._steps(query, window, out, usage)
         try:
             prompt = next(steps)
             while True:
                 try:
-                    async with gate:
+                    async with self.limit:
                         reply: LLMReply | Exception = await self.caller.acall(*prompt)
                 except Exception as exc:  # noqa: BLE001 - the policy in _fail decides
                     reply = exc
@@ -161,9 +164,9 @@ class Judge:
         return average_passes(*passes) if self.reverse_pass else passes[0]
 
     def judge(self, query: str, windows: Sequence[Sequence[Candidate]], usage: RerankUsage) -> dict[int, Judgement]:
-        """Judge every candidate, windows in parallel on threads (safe inside a running event loop)."""
+        """Judge every candidate, windows in parallel on threads within the shared limit (safe inside a running loop)."""
         jobs, passes = self._jobs(windows)
-        workers = min(self.max_concurrency, len(jobs))
+        workers = min(self.limit.size, len(jobs))
         if workers <= 1:
             for window, out, job_usage in jobs:
                 self._run_window(query, window, out, job_usage)
@@ -176,10 +179,9 @@ class Judge:
         return self._merge(jobs, passes, usage)
 
     async def ajudge(self, query: str, windows: Sequence[Sequence[Candidate]], usage: RerankUsage) -> dict[int, Judgement]:
-        """Judge every candidate with concurrent async calls, at most ``max_concurrency`` at a time."""
+        """Judge every candidate with concurrent async calls, as many at a time as the shared limit allows."""
         jobs, passes = self._jobs(windows)
-        gate = asyncio.Semaphore(self.max_concurrency)
-        tasks = [asyncio.ensure_future(self._arun_window(query, *job, gate)) for job in jobs]
+        tasks = [asyncio.ensure_future(self._arun_window(query, *job)) for job in jobs]
         try:
             await asyncio.gather(*tasks)
         except BaseException:

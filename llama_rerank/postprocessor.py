@@ -28,6 +28,7 @@ from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 from llama_index.core.settings import Settings
 
 from llama_rerank.budget import SAFETY_MARGIN, Encode, answer_tokens, pack_windows, resolve_encoder, truncate
+from llama_rerank.concurrency import CallLimit
 from llama_rerank.engine import Judge
 from llama_rerank.labels import DEFAULT_SCALE, LabelScale, normalise_label
 from llama_rerank.llm import LLMCaller
@@ -81,7 +82,9 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         description="'logprobs': expected score under the label probabilities; 'label': the label's value; "
         "'auto': logprobs when the reply carries them and they align with its text, else the label.",
     )
-    max_concurrency: int = Field(default=4, ge=1, description="Most LLM calls in flight at once.")
+    max_concurrency: int = Field(
+        default=4, ge=1, description="Most LLM calls in flight at once, shared by every concurrent rerank on this instance."
+    )
     max_passage_tokens: int = Field(default=256, ge=16, description="Each passage is cut to this many tokens, with a marker.")
     followup_calls: int = Field(default=1, ge=0, description="Extra calls, each for just the candidates an answer left unlabelled.")
     max_retries: int = Field(default=2, ge=0, description="Retries (with backoff) of a failed or timed-out LLM call.")
@@ -121,6 +124,7 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
     _encoder: Optional[Tuple[LLM, Any, Encode]] = PrivateAttr(default=None)
     _provider: Optional[Tuple[LLM, bool, Provider]] = PrivateAttr(default=None)
     _last_usage: Optional[RerankUsage] = PrivateAttr(default=None)
+    _limit: Optional[CallLimit] = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -192,6 +196,13 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         return self._provider[2]
 
     @property
+    def _call_limit(self) -> CallLimit:
+        """The one limit every rerank on this instance shares; a new one when ``max_concurrency`` changes."""
+        if self._limit is None or self._limit.size != self.max_concurrency:
+            self._limit = CallLimit(self.max_concurrency)
+        return self._limit
+
+    @property
     def last_usage(self) -> Optional[RerankUsage]:
         """Usage of the most recently finished rerank on this instance (use :meth:`rerank` for per-call usage)."""
         return self._last_usage
@@ -256,7 +267,7 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
             scoring=self.scoring,
             followups=self.followup_calls,
             on_error=self.on_error,
-            max_concurrency=self.max_concurrency,
+            limit=self._call_limit,
             encode=self._encode,
             reverse_pass=self.reverse_pass,
         )

@@ -1,0 +1,143 @@
+"""One concurrency budget per reranker: every concurrent rerank on an instance shares ``max_concurrency``."""
+
+import asyncio
+import copy
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import make_nodes
+from fakes import Reply, ScriptedLLM, passages
+from llama_rerank import LikelihoodRerank
+from llama_rerank.concurrency import CallLimit
+
+QUERIES = 12
+
+
+def _slow(prompt, call):
+    return Reply("\n".join(f"[{i}] likely" for i in range(1, len(passages(prompt)) + 1)), delay=0.2)
+
+
+def _reranker(llm, **options):
+    return LikelihoodRerank(llm=llm, window_size=2, max_concurrency=3, top_n=6, **options)
+
+
+def _check(results, llm):
+    assert len(results) == QUERIES and all(len(r) == 6 for r in results)
+    assert len(llm.prompts) == QUERIES * 3  # three windows per query
+    assert llm.max_in_flight == 3  # never more than the budget, and the budget is used in full
+
+
+def test_concurrent_queries_on_threads_share_one_budget():
+    llm = ScriptedLLM(_slow)
+    reranker, nodes = _reranker(llm), make_nodes([f"passage {i}" for i in range(6)])
+    with ThreadPoolExecutor(max_workers=QUERIES) as pool:
+        results = list(pool.map(lambda q: reranker.postprocess_nodes(nodes, query_str=f"q{q}"), range(QUERIES)))
+    _check(results, llm)
+
+
+async def test_concurrent_async_queries_share_one_budget():
+    llm = ScriptedLLM(_slow)
+    reranker, nodes = _reranker(llm), make_nodes([f"passage {i}" for i in range(6)])
+    results = await asyncio.gather(*(reranker.apostprocess_nodes(nodes, query_str=f"q{q}") for q in range(QUERIES)))
+    _check(results, llm)
+
+
+def test_threads_and_several_event_loops_share_one_budget():
+    llm = ScriptedLLM(_slow)
+    reranker, nodes = _reranker(llm), make_nodes([f"passage {i}" for i in range(6)])
+
+    def one(q):
+        if q % 2:  # half the queries each in an event loop of their own, the other half on plain threads
+            return asyncio.run(reranker.apostprocess_nodes(nodes, query_str=f"q{q}"))
+        return reranker.postprocess_nodes(nodes, query_str=f"q{q}")
+
+    with ThreadPoolExecutor(max_workers=QUERIES) as pool:
+        results = list(pool.map(one, range(QUERIES)))
+    _check(results, llm)
+
+
+def test_a_new_max_concurrency_takes_effect_and_copies_get_their_own_budget():
+    llm = ScriptedLLM(_slow)
+    reranker, nodes = _reranker(llm), make_nodes([f"passage {i}" for i in range(6)])
+    reranker.max_concurrency = 1
+    reranker.rerank("q", nodes)
+    assert llm.max_in_flight == 1
+    alone = LikelihoodRerank(max_concurrency=2)  # (the scripted LLM itself cannot be deep-copied)
+    limit = alone._call_limit
+    twin = copy.deepcopy(alone)
+    assert twin._limit is not limit and twin._limit.size == 2 and alone._call_limit is limit
+
+
+# the limit on its own ----------------------------------------------------------------------------------------------
+
+
+def test_limit_holds_across_threads_and_loops_and_serves_in_arrival_order():
+    limit, lock = CallLimit(2), threading.Lock()
+    held, most, order = [0], [0], []
+
+    def hold(name):
+        with lock:
+            held[0] += 1
+            most[0] = max(most[0], held[0])
+            order.append(name)
+        threading.Event().wait(0.02)
+        with lock:
+            held[0] -= 1
+
+    def on_thread(name):
+        with limit:
+            hold(name)
+
+    async def in_loop(name):
+        async with limit:
+            await asyncio.to_thread(hold, name)
+
+    limit.acquire()  # everyone below queues behind this
+    limit.acquire()
+    threads = []
+    for i in range(6):
+        target = (lambda n=i: on_thread(n)) if i % 2 else (lambda n=i: asyncio.run(in_loop(n)))
+        threads.append(threading.Thread(target=target))
+        threads[-1].start()
+        while len(limit._queue) < i + 1:  # wait until it is queued, so the arrival order is known
+            threading.Event().wait(0.005)
+    limit.release()
+    limit.release()
+    for t in threads:
+        t.join()
+    assert most[0] == 2 and sorted(order) == list(range(6))
+    assert set(order[:2]) == {0, 1}  # the two first in line were served first
+    assert limit._free == 2 and not limit._queue
+
+
+async def test_a_cancelled_waiter_does_not_leak_a_slot():
+    limit = CallLimit(1)
+    await limit.aacquire()
+    waiting = asyncio.ensure_future(limit.aacquire())
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    limit.release()
+    await asyncio.wait_for(limit.aacquire(), 1)  # the slot came back
+
+
+async def test_a_slot_handed_to_a_task_cancelled_meanwhile_passes_on():
+    limit = CallLimit(1)
+    await limit.aacquire()
+    first = asyncio.ensure_future(limit.aacquire())
+    second = asyncio.ensure_future(limit.aacquire())
+    await asyncio.sleep(0.01)
+    limit.release()  # granted to ``first`` ...
+    first.cancel()  # ... which is cancelled before it runs again
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await asyncio.wait_for(second, 1)
+    assert limit._free == 0 and not limit._queue
+
+
+def test_limit_needs_a_slot():
+    with pytest.raises(ValueError, match="at least one slot"):
+        CallLimit(0)
