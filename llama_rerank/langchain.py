@@ -1,0 +1,226 @@
+"""LangChain: ``LikelihoodRerankCompressor``, the reranker as a document compressor (``pip install 'llama-rerank[langchain]'``).
+
+It only translates, like rerankers' ``integrations/langchain.py``: documents become nodes, :class:`LikelihoodRerank`
+ranks them (``rerank``, or ``arerank`` for ``acompress_documents``), and the ranked nodes become copies of the input
+documents carrying the scores. A LangChain chat model judges through :class:`LangChainChatLLM`, which passes its
+token logprobs (``ChatOpenAI(logprobs=True)``) and token counts on, and its errors through unchanged, so the
+reranker's error policy holds: a 401 raises ``LLMConfigError``, a 503 is retried and then falls back.
+
+    >>> from langchain_classic.retrievers import ContextualCompressionRetriever  # doctest: +SKIP
+    >>> retriever = ContextualCompressionRetriever(
+    ...     base_compressor=LikelihoodRerankCompressor(ChatOpenAI(model="gpt-4.1-mini", logprobs=True, top_logprobs=5), top_n=5),
+    ...     base_retriever=vectorstore.as_retriever(search_kwargs={"k": 20}))
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    CompletionResponse,
+    CompletionResponseGen,
+    LLMMetadata,
+    LogProb,
+    MessageRole,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
+from llama_index.core.llms import LLM
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.schema import NodeWithScore, TextNode
+
+from llama_rerank._extras import require
+from llama_rerank.postprocessor import METADATA_KEYS, LikelihoodRerank, RerankResult
+
+require("langchain_core", "langchain")
+
+from langchain_core.callbacks import Callbacks  # noqa: E402
+from langchain_core.documents import BaseDocumentCompressor, Document  # noqa: E402
+from langchain_core.language_models import BaseChatModel  # noqa: E402
+from langchain_core.messages import BaseMessage, convert_to_messages  # noqa: E402
+
+__all__ = ["LangChainChatLLM", "LikelihoodRerankCompressor"]
+
+
+class LangChainChatLLM(CustomLLM):
+    """A LangChain chat model as the LlamaIndex LLM the reranker calls (``invoke``/``ainvoke``).
+
+    The reply's token logprobs (``response_metadata["logprobs"]["content"]``, OpenAI's shape, as ``ChatOpenAI``
+    returns them with ``logprobs=True``) become LlamaIndex ``LogProb`` lists and its ``usage_metadata`` the token
+    counts. Errors are not caught or wrapped. The context window is the chat model's ``profile["max_input_tokens"]``
+    when LangChain knows it (set ``profile={"max_input_tokens": ...}`` on the chat model otherwise), else 3900.
+
+    ChatOpenAI and its relatives (``AzureChatOpenAI``, any model built on ``BaseChatOpenAI``) retry inside their
+    openai client; the adapter calls a copy whose clients do not, so the reranker's retries are the only ones and
+    the user's chat model keeps its own setting. Other chat models keep their retries: set theirs to 0.
+    """
+
+    _chat: BaseChatModel = PrivateAttr()
+
+    def __init__(self, chat: BaseChatModel, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._chat = _without_client_retries(chat)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "LangChainChatLLM"
+
+    @property
+    def chat_model(self) -> BaseChatModel:
+        """The chat model this adapter calls (a copy of the user's whose client retries are off, where it has any)."""
+        return self._chat
+
+    @property
+    def logprobs(self) -> bool:
+        """Whether the chat model asks for logprobs (the reranker warns once if it asks and none come back)."""
+        return bool(getattr(self._chat, "logprobs", False))
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        chat = self._chat
+        profile = getattr(chat, "profile", None) or {}
+        name = getattr(chat, "model_name", None) or getattr(chat, "model", None) or type(chat).__name__
+        return LLMMetadata(
+            context_window=profile.get("max_input_tokens") or DEFAULT_CONTEXT_WINDOW,
+            is_chat_model=True,
+            model_name=str(name),
+        )
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return ChatResponse(**_reply(self._chat.invoke(_to_langchain(messages), **kwargs), chat=True))
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return ChatResponse(**_reply(await self._chat.ainvoke(_to_langchain(messages), **kwargs), chat=True))
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return CompletionResponse(**_reply(self._chat.invoke(prompt, **kwargs), chat=False))
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return CompletionResponse(**_reply(await self._chat.ainvoke(prompt, **kwargs), chat=False))
+
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        raise NotImplementedError("LangChainChatLLM serves the reranker, which never streams; call the chat model itself")
+
+
+def _without_client_retries(chat: BaseChatModel) -> BaseChatModel:
+    """A copy of an openai-client chat model whose clients do not retry (they retry twice by default); others as they are."""
+    update: dict[str, Any] = {}
+    for root, chat_completions in (("root_client", "client"), ("root_async_client", "async_client")):
+        client = getattr(chat, root, None)
+        if getattr(client, "max_retries", 0) and hasattr(client, "with_options"):
+            update[root] = client.with_options(max_retries=0)
+            update[chat_completions] = update[root].chat.completions
+    return chat.model_copy(update={"max_retries": 0, **update}) if update else chat
+
+
+def _to_langchain(messages: Sequence[ChatMessage]) -> List[BaseMessage]:
+    return convert_to_messages([{"role": m.role.value, "content": m.content or ""} for m in messages])
+
+
+def _reply(message: BaseMessage, chat: bool) -> dict[str, Any]:
+    """The fields of a LlamaIndex ``ChatResponse`` (``chat``) or ``CompletionResponse`` for a LangChain reply."""
+    metadata = message.response_metadata or {}
+    usage = getattr(message, "usage_metadata", None) or {}
+    counts = {"prompt_tokens": usage.get("input_tokens"), "completion_tokens": usage.get("output_tokens")}
+    text = message.text
+    body = {"message": ChatMessage(role=MessageRole.ASSISTANT, content=text)} if chat else {"text": text}
+    return {**body, "logprobs": _logprobs(metadata.get("logprobs")), "raw": metadata,
+            "additional_kwargs": {k: v for k, v in counts.items() if v is not None}}  # fmt: skip
+
+
+def _logprobs(logprobs: Any) -> Optional[List[List[LogProb]]]:
+    """OpenAI's ``{"content": [{token, logprob, bytes, top_logprobs: [...]}]}`` as LlamaIndex ``LogProb`` lists:
+    at each position the sampled token first, then the other alternatives. ``None`` for anything else."""
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not content or not all(isinstance(entry, dict) and "token" in entry and "logprob" in entry for entry in content):
+        return None
+    positions = []
+    for entry in content:
+        others = [alt for alt in entry.get("top_logprobs") or [] if alt.get("token") != entry["token"]]
+        positions.append([_logprob(entry)] + [_logprob(alt) for alt in others])
+    return positions
+
+
+def _logprob(entry: dict[str, Any]) -> LogProb:
+    return LogProb(token=entry["token"], logprob=entry["logprob"], bytes=entry.get("bytes") or [])
+
+
+class LikelihoodRerankCompressor(BaseDocumentCompressor):
+    """Listwise LLM reranking for LangChain: put it in a ``ContextualCompressionRetriever``.
+
+    ``llm`` is a LangChain chat model (``BaseChatModel``) or a LlamaIndex ``LLM``; every other keyword is a
+    :class:`~llama_rerank.LikelihoodRerank` option (``top_n``, ``window_size``, ``label_scale``, ``scoring``,
+    ``min_score``/``min_label``, ``retrieval_weight``/``retrieval_signal``/``normalize``, ``max_concurrency``,
+    ``on_error``, ...), checked the same way. Returned documents are copies, best first, whose metadata adds
+    ``relevance_score`` (the final score), ``rerank_label``, ``rerank_score`` (the LLM's own score),
+    ``retrieval_rank`` (1-based input position) and ``retrieval_score``; the input documents are not changed.
+    As in LlamaIndex nothing is lost: a failed or unreadable LLM answer leaves documents in retrieval order.
+    """
+
+    reranker: LikelihoodRerank = Field(description="The LlamaIndex reranker doing the work.")
+    retrieval_score_key: Optional[str] = Field(
+        default=None, description="Metadata key holding each document's first-stage score, for "
+        "retrieval_signal='score'; None: LangChain documents carry no score, and fusion uses the rank.",
+    )  # fmt: skip
+
+    def __init__(self, llm: Any, *, retrieval_score_key: Optional[str] = None, **options: Any) -> None:
+        if isinstance(llm, BaseChatModel):
+            if options.get("structured_output"):
+                raise ValueError(
+                    "structured_output=True needs a LlamaIndex OpenAI-compatible LLM (OpenAI, OpenAILike); a LangChain "
+                    "chat model answers in text, which the reranker reads (logprob scoring works with it)"
+                )
+            llm = LangChainChatLLM(llm)
+        elif not isinstance(llm, LLM):
+            raise TypeError(
+                f"llm must be a LangChain chat model (BaseChatModel, e.g. ChatOpenAI) or a LlamaIndex LLM, got "
+                f"{type(llm).__name__}; for logprobs pass the model itself, e.g. ChatOpenAI(logprobs=True, top_logprobs=5), "
+                "not a runnable made with .bind()"
+            )
+        super().__init__(reranker=LikelihoodRerank(llm=llm, **options), retrieval_score_key=retrieval_score_key)
+
+    def compress_documents(
+        self, documents: Sequence[Document], query: str, callbacks: Optional[Callbacks] = None
+    ) -> Sequence[Document]:
+        """Rerank ``documents`` for ``query``: at most ``top_n`` copies, best first, with the scores in metadata."""
+        return self._documents(documents, self.reranker.rerank(query, self._nodes(documents)))
+
+    async def acompress_documents(
+        self, documents: Sequence[Document], query: str, callbacks: Optional[Callbacks] = None
+    ) -> Sequence[Document]:
+        """Async :meth:`compress_documents`: the LLM calls are awaited concurrently (``max_concurrency``)."""
+        return self._documents(documents, await self.reranker.arerank(query, self._nodes(documents)))
+
+    def _nodes(self, documents: Sequence[Document]) -> List[NodeWithScore]:
+        """One node per document, identified by its position (so equal ids or texts are each kept); the LLM
+        reads ``page_content`` alone."""
+        return [NodeWithScore(node=TextNode(text=doc.page_content, id_=str(i)), score=self._score(doc, i))
+                for i, doc in enumerate(documents)]  # fmt: skip
+
+    def _score(self, doc: Document, position: int) -> Optional[float]:
+        if self.retrieval_score_key is None or doc.metadata.get(self.retrieval_score_key) is None:
+            return None
+        value = doc.metadata[self.retrieval_score_key]
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"document {position}: metadata[{self.retrieval_score_key!r}] = {value!r} is not a number; "
+                "retrieval_score_key must name a numeric first-stage score"
+            ) from None
+
+    @staticmethod
+    def _documents(documents: Sequence[Document], result: RerankResult) -> List[Document]:
+        out = []
+        for ranked in result.nodes:
+            source = documents[int(ranked.node.node_id)]
+            scores = {key: ranked.node.metadata[key] for key in METADATA_KEYS}
+            out.append(source.model_copy(update={"metadata": {**source.metadata, "relevance_score": ranked.score, **scores}}))
+        return out
