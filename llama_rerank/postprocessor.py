@@ -27,6 +27,7 @@ from llama_index.core.prompts.mixin import PromptDictType, PromptMixin, PromptMi
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 from llama_index.core.settings import Settings
 
+from llama_rerank.batch import OnResult, arun_batch, check_batch, run_batch
 from llama_rerank.budget import SAFETY_MARGIN, Encode, answer_tokens, pack_windows, resolve_encoder, truncate
 from llama_rerank.concurrency import CallLimit
 from llama_rerank.engine import Judge
@@ -232,6 +233,27 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
             if run.windows:
                 run.judgements.update(await run.judge.ajudge(run.query, run.windows, run.usage))
         return run.result
+
+    def rerank_batch(
+        self, queries: Sequence[str | QueryBundle], node_lists: Sequence[Sequence[NodeWithScore]],
+        progress: Optional[bool] = None, on_result: Optional[OnResult] = None,
+    ) -> List[RerankResult]:  # fmt: skip
+        """One :class:`RerankResult` per query, in order; queries run concurrently within ``max_concurrency``.
+
+        ``progress``: a progress bar on stderr; None shows one for batches of 5 queries or more. ``on_result``:
+        called with (position, result) as each query finishes, from the thread that ran it. An exception a rerank
+        raises (``LLMConfigError``; ``RerankLLMError`` with ``on_error="raise"``) stops the batch and propagates.
+        """
+        check_batch(queries, node_lists, _require_query)
+        return run_batch(self.rerank, queries, node_lists, self.max_concurrency, progress, on_result)
+
+    async def arerank_batch(
+        self, queries: Sequence[str | QueryBundle], node_lists: Sequence[Sequence[NodeWithScore]],
+        progress: Optional[bool] = None, on_result: Optional[OnResult] = None,
+    ) -> List[RerankResult]:  # fmt: skip
+        """Async :meth:`rerank_batch` (``on_result`` runs in the event loop)."""
+        check_batch(queries, node_lists, _require_query)
+        return await arun_batch(self.arerank, queries, node_lists, progress, on_result)
 
     @dispatcher.span
     def _postprocess_nodes(self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle] = None) -> List[NodeWithScore]:

@@ -11,7 +11,7 @@ import pytest
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.schema import NodeWithScore, TextNode
 
-from fakes import ScriptedLLM, label_by_keyword
+from fakes import Reply, ScriptedLLM, label_by_keyword
 from llama_rerank import LikelihoodRerank, StoreError, cli, pipeline
 from llama_rerank.eval import EvalError, metrics, report
 from llama_rerank.eval.datasets import load_dataset, select_queries
@@ -322,6 +322,18 @@ def test_resume_after_interruption_and_torn_cache_line(beir_dir, tmp_path, embed
     llm = CountedLLM(answer)
     evaluate(beir_dir, ["likelihood"], llm=llm, **kwargs)  # the torn line is skipped, the rewritten one is read
     assert llm.prompts == []
+
+
+def test_likelihood_systems_rerank_the_queries_as_one_batch(beir_dir, tmp_path, embed):
+    def slow(prompt, call):
+        return Reply(answer(prompt, call), delay=0.2)
+
+    llm = CountedLLM(slow)
+    run = evaluate(beir_dir, ["likelihood:window_size=10"], llm=llm, store=tmp_path / "store", embed_model=embed,
+                   top_k=3, progress=False)  # fmt: skip
+    assert llm.max_in_flight == 3  # one window per query: the three judged queries at once (the budget is 4)
+    assert all(r.llm_calls == 1 and r.prompt_tokens > 0 and r.latency_s >= 0.2 for r in run.results["likelihood:window_size=10"].values())
+    assert run.results["likelihood:window_size=10"]["q1"].ranking[0] == "wing"
 
 
 # -- the command ----------------------------------------------------------------------------------------------

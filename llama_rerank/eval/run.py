@@ -8,12 +8,15 @@ holding that corpus is reused (an interrupted build is completed), a store holdi
 **Rerank.** All systems see the same K first-stage chunks and the same LLM. A system's order is completed with
 every candidate it did not return, in first-stage order (LLMRerank keeps only the documents it judges relevant;
 RankGPT may drop some), so metrics compare rankings of the same candidates; a system that raises on a query counts
-one failure and keeps the first-stage order. LLM calls and tokens are counted by a LlamaIndex
-``TokenCountingHandler`` on the LLM's callback manager, the same for every system. Latency is the first-stage
-retrieval plus the system's reranking, per query.
+one failure and keeps the first-stage order. ``LikelihoodRerank`` systems rerank all the queries as one batch
+(``rerank_batch``: queries overlap within its ``max_concurrency``; an ``LLMConfigError`` stops the run) and their
+LLM calls and tokens are the reranker's own per-query usage; the other systems run query by query, counted by a
+LlamaIndex ``TokenCountingHandler`` on the LLM's callback manager (both take token counts from the provider's usage
+when it reports one). Latency is the first-stage retrieval plus the system's reranking, per query; for a batch,
+while other queries overlap it.
 
 **Resume.** Each (system config, LLM, query, candidate ids) result is appended to ``results.jsonl`` in the cache
-folder and flushed at once, so an interrupted run loses at most the query in progress and a rerun sends only what
+folder and flushed as soon as it is ready, so an interrupted run loses at most the queries in progress and a rerun sends only what
 is missing to the LLM. Unreadable lines (a torn last line) are skipped.
 """
 
@@ -22,10 +25,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import IO, Any, Collection, Sequence
+from typing import IO, Any, Callable, Collection, Sequence
 
 from llama_index.core import VectorStoreIndex
 from llama_index.core.base.embeddings.base import BaseEmbedding
@@ -41,6 +45,7 @@ from llama_rerank.errors import StoreError
 from llama_rerank.eval import EvalError, systems
 from llama_rerank.eval.datasets import Dataset, load_dataset, select_queries
 from llama_rerank.eval.metrics import doc_ranking
+from llama_rerank.postprocessor import LikelihoodRerank, RerankResult
 
 logger = logging.getLogger(__name__)
 
@@ -188,21 +193,53 @@ def rerank_query(
             logger.warning("%s failed on query %r: %s", type(reranker).__name__, query[:60], error)
             returned = []
     latency = time.perf_counter() - started
-    ids = list(dict.fromkeys(n.node.node_id for n in returned))
-    by_id = {n.node.node_id: n for n in candidates}
-    ids = [i for i in ids if i in by_id]
-    kept = set(ids)
-    appended = [n.node.node_id for n in candidates if n.node.node_id not in kept]
-    ranking = doc_ranking([by_id[i].node.metadata["corpus_id"] for i in ids + appended])
+    ranking, appended = completed(candidates, returned)
     return QueryResult(
         ranking=ranking,
         llm_calls=len(counter.llm_token_counts) if counter else 0,
         prompt_tokens=counter.prompt_llm_token_count if counter else 0,
         completion_tokens=counter.completion_llm_token_count if counter else 0,
         latency_s=latency,
-        appended=len(appended) if reranker is not None else 0,
+        appended=appended if reranker is not None else 0,
         error=error,
     )
+
+
+def completed(candidates: list[NodeWithScore], returned: list[NodeWithScore]) -> tuple[list[str], int]:
+    """Corpus ids in the system's order, then those of the candidates it did not return; and how many those were."""
+    ids = list(dict.fromkeys(n.node.node_id for n in returned))
+    by_id = {n.node.node_id: n for n in candidates}
+    ids = [i for i in ids if i in by_id]
+    kept = set(ids)
+    appended = [n.node.node_id for n in candidates if n.node.node_id not in kept]
+    return doc_ranking([by_id[i].node.metadata["corpus_id"] for i in ids + appended]), len(appended)
+
+
+def rerank_batch(
+    reranker: LikelihoodRerank,
+    query_ids: Sequence[str],
+    queries: dict[str, str],
+    retrieved: dict[str, tuple[list[NodeWithScore], float]],
+    save: Callable[[str, QueryResult], None],
+    progress: bool,
+) -> None:
+    """Rerank the queries concurrently within the reranker's budget, saving each result as its query finishes.
+
+    Counts come from each rerank's own usage; latency is the query's own wall time while the others overlap it.
+    """
+    lock = threading.Lock()
+
+    def done(position: int, reranked: RerankResult) -> None:
+        query_id, usage = query_ids[position], reranked.usage
+        ranking, appended = completed(retrieved[query_id][0], reranked.nodes)
+        result = QueryResult(
+            ranking, usage.llm_calls, usage.prompt_tokens, usage.completion_tokens, usage.wall_time_s, appended
+        )
+        with lock:  # results arrive on the batch's threads
+            save(query_id, result)
+
+    node_lists = [retrieved[query_id][0] for query_id in query_ids]
+    reranker.rerank_batch([queries[q] for q in query_ids], node_lists, progress=progress, on_result=done)
 
 
 def portable(path: str | Path) -> str:
@@ -267,20 +304,29 @@ def evaluate(
     cached = ResultCache(cache_dir / CACHE_FILE)
     embed_model.get_query_embedding("warm up")  # load the model before the first timed retrieval
     try:
-        for query_id in tqdm(query_ids, desc=f"eval {dataset.name}", unit="query", disable=not progress):
-            query = dataset.queries[query_id]
+        retrieved: dict[str, tuple[list[NodeWithScore], float]] = {}
+        for query_id in tqdm(query_ids, desc=f"retrieve {dataset.name}", unit="query", disable=not progress):
             started = time.perf_counter()
-            candidates = retriever.retrieve(query)
-            retrieval_s = time.perf_counter() - started
-            ids = [n.node.node_id for n in candidates]
-            for spec, reranker in rerankers.items():
-                key = cache_key(systems.effective(spec, defaults), llm_name if reranker is not None else "", query, ids)
-                result = cached.get(key)
-                if result is None:
-                    result = rerank_query(reranker, query, candidates, counter)
-                    result.latency_s += retrieval_s
-                    cached.put(key, result, system=spec, query_id=query_id)
-                results[spec][query_id] = result
+            candidates = retriever.retrieve(dataset.queries[query_id])
+            retrieved[query_id] = (candidates, time.perf_counter() - started)
+        for spec, reranker in rerankers.items():
+            keys = {
+                query_id: cache_key(systems.effective(spec, defaults), llm_name if reranker is not None else "",
+                                    dataset.queries[query_id], [n.node.node_id for n in retrieved[query_id][0]])
+                for query_id in query_ids
+            }  # fmt: skip
+            todo = [query_id for query_id in query_ids if cached.get(keys[query_id]) is None]
+
+            def save(query_id: str, result: QueryResult, spec: str = spec) -> None:
+                result.latency_s += retrieved[query_id][1]
+                cached.put(keys[query_id], result, system=spec, query_id=query_id)
+
+            if isinstance(reranker, LikelihoodRerank):
+                rerank_batch(reranker, todo, dataset.queries, retrieved, save, progress)
+            else:
+                for query_id in tqdm(todo, desc=spec, unit="query", disable=not progress):
+                    save(query_id, rerank_query(reranker, dataset.queries[query_id], retrieved[query_id][0], counter))
+            results[spec] = {query_id: cached.get(keys[query_id]) for query_id in query_ids}
     finally:
         cached.close()
         if llm is not None:

@@ -1,0 +1,103 @@
+"""Many queries at once: run one rerank per query concurrently, results in input order, with a progress bar.
+
+The queries share the reranker's one concurrency budget (:mod:`llama_rerank.concurrency`), so a batch never has
+more than ``max_concurrency`` LLM calls in flight, however many queries it holds. Each query degrades on its own
+as a single rerank does (a transient failure keeps that query's retrieval order); an exception a rerank raises (a
+permanent :class:`~llama_rerank.errors.LLMConfigError`, or ``on_error="raise"``) stops the batch: queries not yet
+started are cancelled and the exception propagates. ``on_result`` sees each result as soon as its query finishes
+(on the thread or in the task that ran it), so a caller can save work before a long batch ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
+
+from llama_index.core.schema import NodeWithScore, QueryBundle
+
+PROGRESS_FROM = 5  # with progress=None, batches of at least this many queries show a progress bar
+
+Result = TypeVar("Result")
+OnResult = Callable[[int, Any], object]  # called with (position in the batch, result) as each query finishes
+
+
+def check_batch(
+    queries: Sequence[Any], node_lists: Sequence[Sequence[NodeWithScore]], check_query: Callable[[Any], object]
+) -> None:
+    """A clear error for a batch that cannot be run (``check_query`` vets each query), before any query starts."""
+    if isinstance(queries, (str, QueryBundle)):
+        raise TypeError("rerank_batch takes a list of queries (one per node list); for one query use rerank()")
+    if len(queries) != len(node_lists):
+        raise ValueError(
+            f"rerank_batch got {len(queries)} queries and {len(node_lists)} node lists: give one node list per query"
+        )
+    for query in queries:
+        check_query(query)
+
+
+def _bar(total: int, progress: Optional[bool]) -> Any:
+    from tqdm.auto import tqdm  # a dependency of llama-index-core
+
+    show = total >= PROGRESS_FROM if progress is None else progress
+    return tqdm(total=total, desc="rerank", unit="query", disable=not show)
+
+
+def run_batch(
+    rerank: Callable[[Any, Sequence[NodeWithScore]], Result],
+    queries: Sequence[Any],
+    node_lists: Sequence[Sequence[NodeWithScore]],
+    workers: int,
+    progress: Optional[bool],
+    on_result: Optional[OnResult] = None,
+) -> list[Result]:
+    """``rerank`` on each (query, nodes) pair, ``workers`` queries at a time on threads."""
+    if not queries:
+        return []
+    with _bar(len(queries), progress) as bar, ThreadPoolExecutor(min(workers, len(queries)), "llama-rerank-batch") as pool:
+
+        def one(position: int) -> Result:
+            result = rerank(queries[position], node_lists[position])
+            _done(bar, on_result, position, result)
+            return result
+
+        futures: list[Future[Result]] = [pool.submit(contextvars.copy_context().run, one, i) for i in range(len(queries))]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:  # queries not started are dropped; those running finish (and are reported)
+                future.cancel()
+            raise
+
+
+async def arun_batch(
+    arerank: Callable[[Any, Sequence[NodeWithScore]], Awaitable[Result]],
+    queries: Sequence[Any],
+    node_lists: Sequence[Sequence[NodeWithScore]],
+    progress: Optional[bool],
+    on_result: Optional[OnResult] = None,
+) -> list[Result]:
+    """``arerank`` on each (query, nodes) pair as concurrent tasks; the shared budget paces their LLM calls."""
+    if not queries:
+        return []
+    with _bar(len(queries), progress) as bar:
+
+        async def one(position: int) -> Result:
+            result = await arerank(queries[position], node_lists[position])
+            _done(bar, on_result, position, result)
+            return result
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(len(queries))]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+
+
+def _done(bar: Any, on_result: Optional[OnResult], position: int, result: Any) -> None:
+    if on_result is not None:
+        on_result(position, result)
+    bar.update()
