@@ -79,6 +79,11 @@ class LangChainChatLLM(CustomLLM):
         return bool(getattr(self._chat, "logprobs", False))
 
     @property
+    def api_base(self) -> Optional[str]:
+        """The chat model's server (``ChatOpenAI``'s ``base_url``), where it has one: error messages name it."""
+        return getattr(self._chat, "openai_api_base", None)
+
+    @property
     def metadata(self) -> LLMMetadata:
         chat = self._chat
         profile = getattr(chat, "profile", None) or {}

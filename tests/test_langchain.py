@@ -235,7 +235,7 @@ async def test_chat_openai_with_a_reasoning_model():
 async def test_a_bad_key_is_loud_whatever_on_error_says(mode):
     with StubServer("openai-chat", api_key="right") as stub:
         compressor = LikelihoodRerankCompressor(chat_openai(stub, api_key="wrong"), on_error="fallback")
-        with pytest.raises(LLMConfigError, match="HTTP 401.*API key"):
+        with pytest.raises(LLMConfigError, match=f"'gpt-4.1-mini' \\(LangChainChatLLM at {stub.url}\\).*HTTP 401.*API key"):
             await compress(compressor, documents(), mode)
     assert len(stub.chat_requests) == 1, "never retried"
 
