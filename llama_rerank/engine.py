@@ -5,7 +5,9 @@ ended the call); the sync path drives windows on a thread pool and the async pat
 call holds a slot of the reranker's :class:`~llama_rerank.concurrency.CallLimit`, shared by all its concurrent
 runs, so ``max_concurrency`` bounds the calls in flight across queries, threads and event loops. Windows are
 independent: labels are absolute, not relative to the window. With ``reverse_pass`` every window is judged a
-second time in reversed order, concurrently with the first pass, and the two scores are averaged.
+second time in reversed order, concurrently with the first pass, and the two scores are averaged. With a
+judgement cache (:mod:`llama_rerank.cache`) a window found there makes no LLM call, and a window whose every
+candidate was labelled is stored.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Generator, Sequence
 from llama_index.core.prompts import BasePromptTemplate
 
 from llama_rerank.budget import Encode, answer_tokens
+from llama_rerank.cache import JudgementCache, judgement_key
 from llama_rerank.concurrency import CallLimit
 from llama_rerank.errors import LLMConfigError, RerankLLMError
 from llama_rerank.labels import LabelScale
@@ -50,15 +53,16 @@ class Judge:
     limit: CallLimit
     encode: Encode
     reverse_pass: bool = False
+    cache: JudgementCache | None = None
+    cache_scope: str = ""  # what besides the prompt decides a judgement (llama_rerank.cache.cache_scope)
 
     def _steps(
         self, query: str, window: Sequence[Candidate], out: dict[int, Judgement], usage: RerankUsage
     ) -> WindowSteps:
         pending = list(window)
         for round_ in range(self.followups + 1):
-            variables = prompt_vars(query, [c.text for c in pending], self.scale)
             result = yield (
-                render(self.template, self.is_chat, variables),
+                self._prompt(query, pending),
                 answer_tokens(len(pending), self.scale.labels, self.encode),
                 answer_schema(len(pending), self.scale),
             )
@@ -81,6 +85,24 @@ class Judge:
         )  # fmt: skip
         for c in pending:
             out[c.index] = Judgement(None, self.scale.neutral, "unparsed")
+
+    def _prompt(self, query: str, window: Sequence[Candidate]) -> object:
+        return render(self.template, self.is_chat, prompt_vars(query, [c.text for c in window], self.scale))
+
+    def _cache_key(self, query: str, window: Sequence[Candidate]) -> str | None:
+        return None if self.cache is None else judgement_key(self.cache_scope, self._prompt(query, window))
+
+    def _reuse(
+        self, cached: list[Judgement] | None, window: Sequence[Candidate], out: dict[int, Judgement], usage: RerankUsage
+    ) -> bool:
+        """Take a window's judgements from the cache if it had them."""
+        if cached is None:
+            return False
+        for candidate, judgement in zip(window, cached):
+            out[candidate.index] = judgement
+        usage.cache_hits += len(window)
+        usage.logprob_scored += sum(j.status == "logprobs" for j in cached)
+        return True
 
     def _read(
         self, reply: LLMReply, pending: list[Candidate], out: dict[int, Judgement], usage: RerankUsage
@@ -117,6 +139,9 @@ class Judge:
             out[c.index] = Judgement(None, self.scale.neutral, "failed")
 
     def _run_window(self, query: str, window: Sequence[Candidate], out: dict[int, Judgement], usage: RerankUsage) -> None:
+        key = self._cache_key(query, window)
+        if key is not None and self._reuse(self.cache.get(key, len(window)), window, out, usage):
+            return
         steps = self._steps(query, window, out, usage)
         try:
             prompt = next(steps)
@@ -129,10 +154,15 @@ class Judge:
                 prompt = steps.send(reply)
         except StopIteration:
             pass
+        if key is not None:
+            self.cache.put(key, [out[c.index] for c in window])
 
     async def _arun_window(
         self, query: str, window: Sequence[Candidate], out: dict[int, Judgement], usage: RerankUsage
     ) -> None:
+        key = self._cache_key(query, window)  # the cache is read and written on a worker thread: stores may block
+        if key is not None and self._reuse(await asyncio.to_thread(self.cache.get, key, len(window)), window, out, usage):
+            return
         steps = self._steps(query, window, out, usage)
         try:
             prompt = next(steps)
@@ -145,6 +175,8 @@ class Judge:
                 prompt = steps.send(reply)
         except StopIteration:
             pass
+        if key is not None:
+            await asyncio.to_thread(self.cache.put, key, [out[c.index] for c in window])
 
     def _jobs(self, windows: Sequence[Sequence[Candidate]]) -> tuple[list[Job], list[dict[int, Judgement]]]:
         """Each window with the dict its judgements go to and its own usage; the reversed pass's windows follow.

@@ -16,7 +16,14 @@ from functools import lru_cache
 from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 from llama_index.core.base.llms.types import ChatMessage
-from llama_index.core.bridge.pydantic import Field, PrivateAttr, SerializeAsAny, field_validator, model_validator
+from llama_index.core.bridge.pydantic import (
+    Field,
+    PrivateAttr,
+    SerializeAsAny,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 from llama_index.core.callbacks import CBEventType, EventPayload
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
@@ -25,10 +32,12 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.prompts import BasePromptTemplate, ChatPromptTemplate, PromptTemplate
 from llama_index.core.prompts.mixin import PromptDictType, PromptMixin, PromptMixinType
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
+from llama_index.core.storage.kvstore.types import BaseKVStore
 from llama_index.core.settings import Settings
 
 from llama_rerank.batch import OnResult, arun_batch, check_batch, run_batch
 from llama_rerank.budget import SAFETY_MARGIN, Encode, answer_tokens, pack_windows, resolve_encoder, truncate
+from llama_rerank.cache import JudgementCache, cache_scope, check_spec
 from llama_rerank.concurrency import CallLimit
 from llama_rerank.engine import Judge
 from llama_rerank.labels import DEFAULT_SCALE, LabelScale, normalise_label
@@ -118,6 +127,11 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         "of the scale's labels) through response_format; OpenAI-compatible LLM classes only (OpenAI, OpenAILike, "
         "AzureOpenAI: vLLM, llama.cpp, Ollama and OpenAI itself constrain decoding to it). Logprob scoring still works.",
     )  # fmt: skip
+    cache: Optional[Any] = Field(
+        default=None, description="Judgement cache: None; 'memory' (an LRU of 10,000 windows); a file path (an SQLite "
+        "file, shared by threads and processes); or a LlamaIndex BaseKVStore (e.g. Redis, shared by every replica). "
+        "A window judged before makes no LLM call; see llama_rerank.cache.",
+    )  # fmt: skip
     tokenizer: Optional[Callable[[str], Sequence[Any]]] = Field(
         default=None, exclude=True, description="Token counter for budgets; default: the LLM's own if exposed, else cl100k."
     )
@@ -126,6 +140,7 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
     _provider: Optional[Tuple[LLM, bool, Provider]] = PrivateAttr(default=None)
     _last_usage: Optional[RerankUsage] = PrivateAttr(default=None)
     _limit: Optional[CallLimit] = PrivateAttr(default=None)
+    _cache: Optional[Tuple[Any, JudgementCache]] = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -153,6 +168,16 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         if "template" in value:
             return PromptTemplate(value["template"], **options)
         raise ValueError("rerank_prompt: a dict must be a dumped PromptTemplate ('template') or ChatPromptTemplate ('message_templates')")
+
+    @field_validator("cache")
+    @classmethod
+    def _check_cache(cls, value: Any) -> Any:
+        return check_spec(value)
+
+    @field_serializer("cache")
+    def _dump_cache(self, value: Any) -> Optional[str]:
+        """'memory' and paths go into ``to_dict()``; a KV store object cannot, so it is dumped as None."""
+        return None if value is None or isinstance(value, BaseKVStore) else str(value)
 
     def model_post_init(self, __context: Any) -> None:
         self._cutoff()  # a bad label_scale or min_label fails here, at construction
@@ -202,6 +227,15 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         if self._limit is None or self._limit.size != self.max_concurrency:
             self._limit = CallLimit(self.max_concurrency)
         return self._limit
+
+    @property
+    def _judgement_cache(self) -> Optional[JudgementCache]:
+        """The cache ``cache`` names, opened once (again when ``cache`` is set to something else)."""
+        if self.cache is None:
+            return None
+        if self._cache is None or self._cache[0] is not self.cache:
+            self._cache = (self.cache, JudgementCache(self.cache))
+        return self._cache[1]
 
     @property
     def last_usage(self) -> Optional[RerankUsage]:
@@ -292,6 +326,8 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
             limit=self._call_limit,
             encode=self._encode,
             reverse_pass=self.reverse_pass,
+            cache=self._judgement_cache,
+            cache_scope=cache_scope(llm, self.scale, self.scoring, self.max_passage_tokens, self.structured_output),
         )
 
     def _passage_budget(self, query: str) -> int:

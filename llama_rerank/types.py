@@ -36,6 +36,7 @@ class RerankUsage:
     logprob_scored: int = 0  # judgements scored as expected values under the label probabilities (per pass)
     unparsed: int = 0
     failed_windows: int = 0
+    cache_hits: int = 0  # candidates whose judgement came from the judgement cache, with no LLM call (per pass)
     wall_time_s: float = 0.0
     errors: list[str] = field(default_factory=list)
 

@@ -317,7 +317,7 @@ def evaluate(
             }  # fmt: skip
             todo = [query_id for query_id in query_ids if cached.get(keys[query_id]) is None]
 
-            def save(query_id: str, result: QueryResult, spec: str = spec) -> None:
+            def save(query_id: str, result: QueryResult) -> None:
                 result.latency_s += retrieved[query_id][1]
                 cached.put(keys[query_id], result, system=spec, query_id=query_id)
 
