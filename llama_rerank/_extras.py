@@ -2,7 +2,8 @@
 missing one raises ``MissingExtraError`` naming the extra that installs it (``pip install 'llama-rerank[chroma]'``).
 
 Extras (pyproject.toml): ``chroma`` (store, CLI, file readers), ``openai`` (OpenAI and OpenAI-compatible LLMs),
-``local`` (bundled model, llama.cpp server, ONNX embeddings), ``eval``, ``notebooks``, ``test``, ``all``.
+``local`` (bundled model, llama.cpp server, ONNX embeddings), ``langchain`` (the LangChain adapter), ``eval``,
+``notebooks``, ``test``, ``all``.
 """
 
 from __future__ import annotations
