@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from llama_rerank.llm import LLMCaller, LLMReply
 from llama_rerank.parse import parse_labels
 from llama_rerank.prompts import answer_schema, prompt_vars, render
 from llama_rerank.scoring import align_tokens, average_passes, label_probabilities
-from llama_rerank.types import Candidate, Judgement, RerankUsage
+from llama_rerank.types import Candidate, Judgement, RerankEstimate, RerankUsage
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,26 @@ class Judge:
             usage.add(job_usage)
         return average_passes(*passes) if self.reverse_pass else passes[0]
 
+    def estimate(self, query: str, windows: Sequence[Sequence[Candidate]], structured: bool) -> RerankEstimate:
+        """The calls and tokens judging ``windows`` takes when every answer labels every candidate; no LLM call.
+
+        Prompts are counted as the calls count them when the provider reports no usage; an answer as one line
+        ``[i] label`` per candidate (a JSON object when ``structured``), averaged over the labels. Windows found in
+        the cache cost nothing.
+        """
+        jobs, _ = self._jobs(windows)
+        estimate = RerankEstimate(windows=len(jobs))
+        for window, _, _ in jobs:
+            key = self._cache_key(query, window)
+            if key is not None and self.cache.get(key, len(window)) is not None:
+                estimate.cache_hits += len(window)
+                continue
+            estimate.llm_calls += 1
+            estimate.prompt_tokens += self.caller.count(self._prompt(query, window))
+            answers = [_answer(len(window), label, structured) for label in self.scale.labels]
+            estimate.completion_tokens += round(sum(len(self.encode(a)) for a in answers) / len(answers))
+        return estimate
+
     def judge(self, query: str, windows: Sequence[Sequence[Candidate]], usage: RerankUsage) -> dict[int, Judgement]:
         """Judge every candidate, windows in parallel on threads within the shared limit (safe inside a running loop)."""
         jobs, passes = self._jobs(windows)
@@ -221,3 +242,10 @@ class Judge:
                 task.cancel()
             raise
         return self._merge(jobs, passes, usage)
+
+
+def _answer(n: int, label: str, structured: bool) -> str:
+    """A complete answer for ``n`` candidates that all get ``label``."""
+    if structured:
+        return json.dumps({str(i): label for i in range(1, n + 1)})
+    return "\n".join(f"[{i}] {label}" for i in range(1, n + 1))

@@ -195,11 +195,12 @@ class LLMCaller:
         text = _text(response)
         self.provider.note_reply(bool(response.logprobs))
         counts = getattr(response, "additional_kwargs", None) or {}
-        prompt_tokens = counts.get("prompt_tokens") or self._count(prompt)
+        prompt_tokens = counts.get("prompt_tokens") or self.count(prompt)
         completion_tokens = counts.get("completion_tokens") or len(self.encode(text))
         return LLMReply(text, response.logprobs or None, int(prompt_tokens), int(completion_tokens), retries)
 
-    def _count(self, prompt: Prompt) -> int:
+    def count(self, prompt: Prompt) -> int:
+        """Tokens in ``prompt`` by our counter (used when the provider reports no usage, and by estimates)."""
         if isinstance(prompt, str):
             return len(self.encode(prompt))
         return sum(len(self.encode(message.content or "")) + 4 for message in prompt)

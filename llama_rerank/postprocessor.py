@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple
 
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.bridge.pydantic import (
@@ -45,7 +45,7 @@ from llama_rerank.llm import LLMCaller
 from llama_rerank.providers import Provider
 from llama_rerank.prompts import DEFAULT_RERANK_PROMPT, prompt_vars, render
 from llama_rerank.scoring import fuse, order
-from llama_rerank.types import Candidate, Judgement, RerankUsage
+from llama_rerank.types import Candidate, Judgement, RerankEstimate, RerankUsage
 
 dispatcher = get_dispatcher(__name__)
 logger = logging.getLogger(__name__)
@@ -288,6 +288,26 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         """Async :meth:`rerank_batch` (``on_result`` runs in the event loop)."""
         check_batch(queries, node_lists, _require_query)
         return await arun_batch(self.arerank, queries, node_lists, progress, on_result)
+
+    def estimate(
+        self, query: str | QueryBundle, nodes: Sequence[NodeWithScore], prices: Optional[Mapping[str, float]] = None
+    ) -> RerankEstimate:
+        """Windows, LLM calls and prompt/answer tokens :meth:`rerank` would use on these nodes, without calling the
+        LLM; with ``prices`` (``{"prompt": ..., "completion": ...}`` per million tokens), the cost as well.
+
+        Follow-up calls, retries and a reasoning model's hidden thinking tokens are not foreseen; windows already in
+        the judgement cache cost nothing.
+        """
+        if prices is not None and (set(prices) != {"prompt", "completion"} or min(prices.values()) < 0):
+            raise ValueError(
+                f"prices: give {{'prompt': ..., 'completion': ...}} per million tokens, both >= 0; got {prices!r}"
+            )
+        run = _Run(self, _require_query(query), nodes)
+        estimate = run.judge.estimate(run.query, run.windows, self.structured_output)
+        if prices is not None:
+            tokens = estimate.prompt_tokens * prices["prompt"] + estimate.completion_tokens * prices["completion"]
+            estimate.cost = tokens / 1e6
+        return estimate
 
     @dispatcher.span
     def _postprocess_nodes(self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle] = None) -> List[NodeWithScore]:

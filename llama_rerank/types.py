@@ -47,3 +47,15 @@ class RerankUsage:
                 self.errors.extend(other.errors)
             elif f.name != "wall_time_s":
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+@dataclass
+class RerankEstimate:
+    """What a rerank would cost, worked out without calling the LLM (:meth:`LikelihoodRerank.estimate`)."""
+
+    windows: int = 0  # windows to judge, both passes counted with reverse_pass
+    llm_calls: int = 0  # one per window not already in the judgement cache (follow-ups and retries not foreseen)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # the answers, one label per candidate, averaged over the scale's labels
+    cache_hits: int = 0  # candidates whose window is already in the judgement cache
+    cost: float | None = None  # with a price table: prompt and completion tokens at its prices per million tokens
