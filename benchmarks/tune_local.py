@@ -6,6 +6,8 @@ label-vs-logprob scoring are then swept offline through the library's own ``scor
 numbers are exactly what ``LikelihoodRerank(retrieval_weight=w, ...)`` would produce. ``--reverse`` also judges
 each configuration with the candidates in reversed order and adds the rows of ``reverse_pass=True`` (the two passes
 averaged by the library's ``scoring.average_passes``); ``--prompt FILE`` swaps in another user message template.
+``--cached-only`` judges nothing new and compares the configurations on the queries every one of them has cached
+(for runs cut short).
 
     python benchmarks/tune_local.py --limit-queries 30 --top-k 10 \
         --config window_size=10,max_passage_tokens=128 --config window_size=1,max_passage_tokens=128
@@ -38,7 +40,8 @@ WEIGHTS = [round(0.1 * i, 1) for i in range(11)]
 
 
 def judge_all(
-    config: dict, query_ids: list[str], dataset, retriever, llm, cache: Path, reverse: bool, prompt: str | None
+    config: dict, query_ids: list[str], dataset, retriever, llm, cache: Path, reverse: bool, prompt: str | None,
+    cached_only: bool = False,
 ) -> dict[str, list[dict]]:
     """Per query, the candidates in retrieval order with the LLM's score and label (cached by query and config).
 
@@ -58,13 +61,16 @@ def judge_all(
         reranker.update_prompts({"rerank_prompt": ChatPromptTemplate.from_messages([("system", SYSTEM_PROMPT), ("user", prompt)])})
     with cache.open("a") as out:
         label = json.dumps(config) + (" reversed" if reverse else "") + (" own prompt" if prompt else "")
-        for query_id in tqdm([q for q in query_ids if q not in done], desc=label, unit="query"):
+        for query_id in tqdm([q for q in query_ids if q not in done and not cached_only], desc=label, unit="query"):
             nodes = retriever.retrieve(dataset.queries[query_id])
             result = reranker.rerank(dataset.queries[query_id], nodes[::-1] if reverse else nodes)
             by_id = {n.node.node_id: n.node.metadata for n in result.nodes}
+            usage = result.usage
+            cost = {"wall_s": usage.wall_time_s, "calls": usage.llm_calls, "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens, "unparsed": usage.unparsed}  # fmt: skip
             candidates = [{"doc": n.node.metadata["corpus_id"], "retrieval_score": n.score,
                            "llm_score": by_id[n.node.node_id]["rerank_score"], "label": by_id[n.node.node_id]["rerank_label"],
-                           "wall_s": result.usage.wall_time_s} for n in nodes]  # fmt: skip
+                           **cost} for n in nodes]  # fmt: skip
             done[query_id] = candidates
             out.write(json.dumps({"query_id": query_id, "candidates": candidates}) + "\n")
             out.flush()
@@ -100,6 +106,8 @@ def main() -> None:
                         help="LikelihoodRerank kwargs: window_size=1,max_passage_tokens=128 or a JSON object")
     parser.add_argument("--prompt", type=Path, default=None, help="a user message template to use instead of the default's")
     parser.add_argument("--reverse", action="store_true", help="also judge in reversed order and sweep reverse_pass")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="judge nothing new: compare the configurations on the queries every one has in its cache")
     parser.add_argument("--out", default=str(DATA_DIR / "tuning"))
     args = parser.parse_args()
 
@@ -109,12 +117,8 @@ def main() -> None:
     fp = fingerprint(dataset, embed)
     retriever = build_index(dataset, DATA_DIR / "eval" / f"{dataset.name}-{fp[:12]}", embed).as_retriever(similarity_top_k=args.top_k)
     llm = make_llm("local")
-    first = {q: doc_ranking([n.node.metadata["corpus_id"] for n in retriever.retrieve(dataset.queries[q])]) for q in query_ids}
-    base = per_query(first, dataset.qrels, 10)
-    base_ndcg = [base[q][NDCG] for q in query_ids]
-    print(f"{len(query_ids)} {args.queries_split} queries, top-k {args.top_k}; first stage nDCG@10 {statistics.mean(base_ndcg):.4f}")
-    print(f"{'config':<44} {'scoring':<12} {'signal':<6} {'w':>4} {'nDCG@10':>8} {'delta':>7} {'p(t)':>6} {'s/query':>8}")
     prompt = args.prompt.read_text() if args.prompt else None
+    runs = []
     for config_text in args.config or ["window_size=10"]:
         config = json.loads(config_text) if config_text.startswith("{") else parse_spec("likelihood:" + config_text)[1]
         passes = []
@@ -122,9 +126,20 @@ def main() -> None:
             key = [config, args.top_k, fp] + (["reversed"] if reverse else []) + ([prompt] if prompt else [])
             cache = Path(args.out) / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]}.jsonl"
             cache.parent.mkdir(parents=True, exist_ok=True)
-            passes.append(judge_all(config, query_ids, dataset, retriever, llm, cache, reverse, prompt))
+            passes.append(judge_all(config, query_ids, dataset, retriever, llm, cache, reverse, prompt, args.cached_only))
+        runs.append((config_text, config, passes))
+    if args.cached_only:
+        query_ids = [q for q in query_ids if all(q in judged for _, _, passes in runs for judged in passes)]
+    first = {q: doc_ranking([n.node.metadata["corpus_id"] for n in retriever.retrieve(dataset.queries[q])]) for q in query_ids}
+    base = per_query(first, dataset.qrels, 10)
+    base_ndcg = [base[q][NDCG] for q in query_ids]
+    print(f"{len(query_ids)} {args.queries_split} queries, top-k {args.top_k}; first stage nDCG@10 {statistics.mean(base_ndcg):.4f}")
+    print(f"{'config':<44} {'scoring':<12} {'signal':<6} {'w':>4} {'nDCG@10':>8} {'delta':>7} {'p(t)':>6} {'s/query':>8}")
+    for config_text, config, passes in runs:
+        passes = [{q: judged[q] for q in query_ids} for judged in passes]
         scale = LikelihoodRerank(llm=llm, **config).scale
         print(config_text, separation(passes, query_ids, dataset.qrels))
+        print(config_text, costs(passes[0], query_ids))
         for n_passes in range(1, len(passes) + 1):
             name = config_text + (f" +{args.prompt.name}" if prompt else "") + (" +reverse_pass" if n_passes == 2 else "")
             wall = sum(statistics.mean(c[0]["wall_s"] for c in judged.values()) for judged in passes[:n_passes])
@@ -152,6 +167,17 @@ def separation(passes: list[dict], query_ids: list[str], qrels) -> str:
     if len(passes) == 2:
         parts.append(f"average {auc(lambda q, i: passes[0][q][i]['llm_score'] + passes[1][q][i]['llm_score']):.3f}")
     return "within-query AUC: " + ", ".join(parts)
+
+
+def costs(judged: dict[str, list[dict]], query_ids: list[str]) -> str:
+    """Per query: LLM calls, prompt and answer tokens, seconds; and candidates left unlabelled (parse failures)."""
+    first = [judged[q][0] for q in query_ids]
+    if "calls" not in first[0]:
+        return "costs: not recorded in this cache"
+    mean = lambda key: statistics.mean(c[key] for c in first)  # noqa: E731
+    unlabelled = sum(c["label"] is None for q in query_ids for c in judged[q])
+    return (f"per query: {mean('calls'):.2f} calls, {mean('prompt_tokens'):.0f} prompt + {mean('completion_tokens'):.0f} "
+            f"answer tokens, {mean('wall_s'):.1f} s; unlabelled {unlabelled} of {sum(len(judged[q]) for q in query_ids)}")
 
 
 def sweep(name: str, passes: list[dict], scale, query_ids: list[str], dataset, base_ndcg: list[float], wall: float) -> None:
