@@ -222,6 +222,17 @@ def test_a_cache_option_that_names_no_cache_is_refused(tmp_path):
     assert LikelihoodRerank(cache=SimpleKVStore()).to_dict()["cache"] is None
 
 
+def test_a_copied_reranker_opens_its_cache_again(tmp_path):
+    import copy
+    import pickle
+
+    for spec in ("memory", str(tmp_path / "judgements.db")):
+        reranker = LikelihoodRerank(cache=spec)
+        opened = reranker._judgement_cache
+        for twin in (copy.deepcopy(reranker), pickle.loads(pickle.dumps(reranker))):
+            assert twin._judgement_cache is not opened and twin._judgement_cache.spec == spec
+
+
 # concurrency on one SQLite file --------------------------------------------------------------------------------------
 
 
