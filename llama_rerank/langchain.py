@@ -162,8 +162,8 @@ class LikelihoodRerankCompressor(BaseDocumentCompressor):
 
     ``llm`` is a LangChain chat model (``BaseChatModel``) or a LlamaIndex ``LLM``; every other keyword is a
     :class:`~llama_rerank.LikelihoodRerank` option (``top_n``, ``window_size``, ``label_scale``, ``scoring``,
-    ``min_score``/``min_label``, ``retrieval_weight``/``retrieval_signal``/``normalize``, ``max_concurrency``,
-    ``on_error``, ...), checked the same way. Returned documents are copies, best first, whose metadata adds
+    ``min_score``/``min_label``, ``retrieval_weight``/``retrieval_signal``/``normalize``, ``cache``,
+    ``max_concurrency``, ``on_error``, ...), checked the same way. Returned documents are copies, best first, whose metadata adds
     ``relevance_score`` (the final score), ``rerank_label``, ``rerank_score`` (the LLM's own score),
     ``retrieval_rank`` (1-based input position) and ``retrieval_score``; the input documents are not changed.
     As in LlamaIndex nothing is lost: a failed or unreadable LLM answer leaves documents in retrieval order.

@@ -143,6 +143,16 @@ def test_options_are_the_rerankers_and_checked_the_same_way():
         LikelihoodRerankCompressor(KeywordChatModel(), min_label="maybe")
 
 
+@pytest.mark.parametrize("mode", MODES)
+async def test_the_judgement_cache_saves_the_second_call(mode):
+    chat = KeywordChatModel()
+    compressor = LikelihoodRerankCompressor(chat, top_n=3, cache="memory")
+    first = await compress(compressor, documents(), mode)
+    again = await compress(compressor, documents(), mode)
+    assert len(chat.calls) == 1 and compressor.reranker.last_usage.cache_hits == len(TEXTS)
+    assert [d.metadata for d in again] == [d.metadata for d in first]
+
+
 def test_fusion_reads_the_first_stage_score_from_the_named_metadata_key():
     docs = [Document(page_content=t, metadata={"score": s}) for t, s in [(TEXTS[1], 0.1), (TEXTS[3], 0.9)]]
     options = {"retrieval_weight": 0.5, "retrieval_signal": "score"}
