@@ -3,7 +3,8 @@
 One window's steps are written once, as a generator that yields prompts and receives replies (or the error that
 ended the call); the sync path drives windows on a thread pool and the async path with ``asyncio`` tasks. Every
 call holds a slot of the reranker's :class:`~llama_rerank.concurrency.CallLimit`, shared by all its concurrent
-runs, so ``max_concurrency`` bounds the calls in flight across queries, threads and event loops. Windows are
+runs, so ``max_concurrency`` bounds the calls in flight across queries, threads and event loops (except a sync
+call made on an event loop's own thread, which gets a limit of its own: see :meth:`Judge.judge`). Windows are
 independent: labels are absolute, not relative to the window. With ``reverse_pass`` every window is judged a
 second time in reversed order, concurrently with the first pass, and the two scores are averaged. With a
 judgement cache (:mod:`llama_rerank.cache`) a window found there makes no LLM call, and a window whose every
@@ -17,7 +18,7 @@ import contextvars
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generator, Sequence
 
 from llama_index.core.prompts import BasePromptTemplate
@@ -217,7 +218,18 @@ class Judge:
         return estimate
 
     def judge(self, query: str, windows: Sequence[Sequence[Candidate]], usage: RerankUsage) -> dict[int, Judgement]:
-        """Judge every candidate, windows in parallel on threads within the shared limit (safe inside a running loop)."""
+        """Judge every candidate, windows in parallel on threads within the shared limit.
+
+        Called on a thread that runs an event loop (blocking code inside async code), the call gets a limit of its
+        own: tasks of that loop may hold shared slots, and they cannot give them back while the loop is blocked.
+        """
+        if _runs_an_event_loop():
+            return replace(self, limit=CallLimit(self.limit.size))._judge_on_threads(query, windows, usage)
+        return self._judge_on_threads(query, windows, usage)
+
+    def _judge_on_threads(
+        self, query: str, windows: Sequence[Sequence[Candidate]], usage: RerankUsage
+    ) -> dict[int, Judgement]:
         jobs, passes = self._jobs(windows)
         workers = min(self.limit.size, len(jobs))
         if workers <= 1:
@@ -249,3 +261,11 @@ def _answer(n: int, label: str, structured: bool) -> str:
     if structured:
         return json.dumps({str(i): label for i in range(1, n + 1)})
     return "\n".join(f"[{i}] {label}" for i in range(1, n + 1))
+
+
+def _runs_an_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -141,3 +141,23 @@ async def test_a_slot_handed_to_a_task_cancelled_meanwhile_passes_on():
 def test_limit_needs_a_slot():
     with pytest.raises(ValueError, match="at least one slot"):
         CallLimit(0)
+
+
+def test_a_sync_rerank_that_blocks_an_event_loop_does_not_wait_for_that_loops_tasks():
+    # The loop's own task holds every shared slot and needs the loop to give them back; a sync rerank on the loop's
+    # thread (a blocking call inside async code) must not queue behind it, or neither could ever finish.
+    llm = ScriptedLLM(_slow)
+    reranker, nodes = _reranker(llm), make_nodes([f"passage {i}" for i in range(6)])
+    outcome = {}
+
+    async def main():
+        task = asyncio.ensure_future(reranker.arerank("async", nodes))
+        await asyncio.sleep(0.05)  # the task now holds the three slots
+        outcome["sync"] = reranker.rerank("sync", nodes)
+        outcome["async"] = await task
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "deadlock: the sync rerank waited for slots its own blocked loop holds"
+    assert len(outcome["sync"].nodes) == len(outcome["async"].nodes) == 6
