@@ -168,7 +168,9 @@ class JudgementCache:
                 raise ValueError(f"{len(judgements)} judgements stored for a window of {size}")
             return judgements
         except Exception as exc:  # noqa: BLE001 - a cache never fails a rerank
-            logger.warning("judgement cache %s unreadable (%s: %s); judging the window anew", self.name, type(exc).__name__, exc)
+            logger.warning(
+                "judgement cache %s unreadable (%s: %s); judging the window anew", self.name, type(exc).__name__, exc
+            )
             return None
 
     def put(self, key: str, judgements: Sequence[Judgement]) -> None:
@@ -178,5 +180,7 @@ class JudgementCache:
         try:
             self.store.put(key, {"judgements": [[j.label, j.score, j.status] for j in judgements]})
         except Exception as exc:  # noqa: BLE001 - a cache never fails a rerank
-            logger.warning("judgement cache %s: write failed (%s: %s); the window is not kept", self.name, type(exc).__name__, exc)
+            logger.warning(
+                "judgement cache %s: write failed (%s: %s); the window is not kept", self.name, type(exc).__name__, exc
+            )
 
