@@ -132,7 +132,7 @@ class LLMCaller:
                 if provider.adapt(outcome, version):
                     continue
                 if is_permanent(outcome):
-                    raise LLMConfigError(explain(outcome, model_identity(provider.original))) from outcome
+                    raise LLMConfigError(explain(outcome, model_identity(provider.original), provider.openai)) from outcome
                 raise outcome
             if provider.openai and not grown and _cut_off_while_thinking(outcome):
                 grown = True

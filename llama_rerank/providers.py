@@ -95,8 +95,9 @@ def model_identity(llm: LLM) -> str:
     return f"model {model!r} ({type(llm).__name__}" + (f" at {base})" if base else ")")
 
 
-def explain(exc: BaseException, who: str) -> str:
-    """One line for a permanent error: ``who`` refused, what they said, and how to fix it."""
+def explain(exc: BaseException, who: str, adapts: bool = False) -> str:
+    """One line for a permanent error: ``who`` refused, what they said, and how to fix it (``adapts``: the request
+    came through an OpenAI-family class, whose refused options the reranker adapts by itself)."""
     status = status_of(exc)
     said = getattr(exc, "message", None) or str(exc)
     if status == 401:
@@ -111,9 +112,11 @@ def explain(exc: BaseException, who: str) -> str:
                "LLM its real context_window.")  # fmt: skip
     else:
         param = rejected_param(exc)
-        fix = (f"The request was refused{f' (parameter {param!r})' if param else ''}: check the LLM's settings "
-               "(model, additional_kwargs). llama-rerank adapts logprobs, top_logprobs, temperature, max_tokens, "
-               "reasoning_effort and response_format by itself; anything else is yours to change.")  # fmt: skip
+        fix = f"The request was refused{f' (parameter {param!r})' if param else ''}: check the LLM's settings (model, " + (
+            "additional_kwargs). llama-rerank adapts logprobs, top_logprobs, temperature, max_tokens, reasoning_effort "
+            "and response_format by itself; anything else is yours to change."
+            if adapts else "its options such as logprobs or temperature): this LLM class is called as it is configured."
+        )  # fmt: skip
     return f"{who} refused the request with HTTP {status}: {said.rstrip('.')}. {fix}"
 
 
