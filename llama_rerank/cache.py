@@ -132,10 +132,13 @@ def open_store(spec: Spec) -> Store:
     return SQLiteStore(spec)
 
 
-def cache_scope(llm: LLM, scale: LabelScale, scoring: str, max_passage_tokens: int, structured_output: bool) -> str:
-    """What, besides the prompt, decides a judgement: the model, the scale and how answers are read and scored."""
+def cache_scope(
+    llm: LLM, scale: LabelScale, scoring: str, max_passage_tokens: int, logprobs: bool, structured: bool
+) -> str:
+    """What, besides the prompt, decides a judgement: the model, the scale, how answers are read and scored, and
+    what the requests ask for (logprobs, structured output) as the provider has been seen to accept them."""
     return json.dumps(
-        [model_identity(llm), list(zip(scale.labels, scale.values)), scoring, max_passage_tokens, structured_output]
+        [model_identity(llm), list(zip(scale.labels, scale.values)), scoring, max_passage_tokens, logprobs, structured]
     )
 
 

@@ -120,7 +120,8 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
     )  # fmt: skip
     reverse_pass: bool = Field(
         default=False, description="Judge every window a second time with its passages in reverse order and average "
-        "the two scores, cancelling the LLM's bias for or against a position in the prompt. Twice the LLM calls.",
+        "the two scores, cancelling the LLM's bias for or against a position in the prompt. Twice the LLM calls. "
+        "Measured on the bundled local model, it did not help (docs/EVALUATION.md); off by default.",
     )  # fmt: skip
     structured_output: bool = Field(
         default=False, description="Ask for a JSON answer constrained by a schema (one label per passage id, an enum "
@@ -334,9 +335,9 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         dispatcher.event(ReRankEndEvent(nodes=run.result.nodes))
 
     def _judge(self) -> Judge:
-        llm = self._llm
+        llm, calls = self._llm, self._calls
         return Judge(
-            caller=LLMCaller(self._calls, self._encode, self.max_retries, self.timeout),
+            caller=LLMCaller(calls, self._encode, self.max_retries, self.timeout),
             template=self.rerank_prompt,
             is_chat=llm.metadata.is_chat_model,
             scale=self.scale,
@@ -347,7 +348,7 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
             encode=self._encode,
             reverse_pass=self.reverse_pass,
             cache=self._judgement_cache,
-            cache_scope=cache_scope(llm, self.scale, self.scoring, self.max_passage_tokens, self.structured_output),
+            cache_scope=cache_scope(llm, self.scale, self.scoring, self.max_passage_tokens, calls.logprobs, calls.structured),
         )
 
     def _passage_budget(self, query: str) -> int:

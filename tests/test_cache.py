@@ -119,12 +119,12 @@ def test_the_key_covers_everything_that_changes_a_judgement(change):
     assert rerank(reranker, query, texts).usage.cache_hits == 5  # ... and are stored in turn
 
 
-def test_structured_output_is_part_of_the_key():  # (only OpenAI-compatible classes run it: see test_wire.py)
+def test_what_the_requests_ask_for_is_part_of_the_key():  # (only OpenAI-compatible classes send them: test_wire.py)
     from llama_rerank.cache import cache_scope
 
     reranker = LikelihoodRerank(llm=ScriptedLLM(SCRIPT))
-    scopes = {cache_scope(reranker.llm, reranker.scale, "auto", 256, structured) for structured in (False, True)}
-    assert len(scopes) == 2
+    asks = [(False, False), (True, False), (False, True)]  # logprobs (as the provider accepts them), structured output
+    assert len({cache_scope(reranker.llm, reranker.scale, "auto", 256, *ask) for ask in asks}) == 3
 
 
 def test_windows_shared_between_queries_candidate_lists_are_reused():
