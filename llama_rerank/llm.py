@@ -90,6 +90,29 @@ def _finish_reason(response: Any) -> str | None:
     return first.get("finish_reason") if isinstance(first, dict) else getattr(first, "finish_reason", None)
 
 
+def _answer(response: Any) -> tuple[str, list[list[LogProb]] | None]:
+    """The answer text and, per token, the alternatives with the token actually sampled first.
+
+    LlamaIndex keeps only ``top_logprobs``; under constrained decoding (a JSON schema on llama.cpp) the sampled
+    token is often not among them, and the server may also trim what the tokens spell (llama.cpp returns the JSON
+    without the code fence the model wrote around it). Where the raw OpenAI-style reply names the sampled tokens,
+    the text is what they spell when it contains the returned content, so text and tokens line up.
+    """
+    text, logprobs = _text(response), response.logprobs or None
+    raw = getattr(response, "raw", None)
+    choices = getattr(raw, "choices", None)
+    content = getattr(getattr(choices[0], "logprobs", None), "content", None) if choices else None
+    if not logprobs or not content or len(content) != len(logprobs):
+        return text, logprobs
+    spelled = "".join(c.token for c in content)
+    if text.strip() and text.strip() in spelled:
+        text = spelled
+    return text, [
+        [LogProb(token=c.token, logprob=c.logprob, bytes=list(c.bytes or []))] + [a for a in alts if a.token != c.token]
+        for c, alts in zip(content, logprobs)
+    ]
+
+
 def _text(response: Any) -> str:
     return (response.message.content if hasattr(response, "message") else response.text) or ""
 
@@ -192,12 +215,12 @@ class LLMCaller:
         return self._reply(prompt, response, retrying.statistics.get("attempt_number", 1) - 1)
 
     def _reply(self, prompt: Prompt, response: Any, retries: int) -> LLMReply:
-        text = _text(response)
-        self.provider.note_reply(bool(response.logprobs))
+        text, logprobs = _answer(response)
+        self.provider.note_reply(bool(logprobs))
         counts = getattr(response, "additional_kwargs", None) or {}
         prompt_tokens = counts.get("prompt_tokens") or self.count(prompt)
         completion_tokens = counts.get("completion_tokens") or len(self.encode(text))
-        return LLMReply(text, response.logprobs or None, int(prompt_tokens), int(completion_tokens), retries)
+        return LLMReply(text, logprobs, int(prompt_tokens), int(completion_tokens), retries)
 
     def count(self, prompt: Prompt) -> int:
         """Tokens in ``prompt`` by our counter (used when the provider reports no usage, and by estimates)."""

@@ -49,3 +49,30 @@ def test_an_answer_cut_off_while_thinking_is_asked_once_more_with_room():
     assert [k["max_tokens"] for k in provider.llm.kwargs_seen] == [10, 10 + GROWN_ROOM]
     caller.call([ChatMessage(role=MessageRole.USER, content="q")], 10)
     assert provider.llm.kwargs_seen[-1]["max_tokens"] == 10 + GROWN_ROOM, "the larger budget is remembered"
+
+
+def test_constrained_decoding_lines_up_text_and_tokens_from_the_sampled_tokens():
+    """llama.cpp under a JSON schema: the sampled tokens are missing from top_logprobs (which hold the unconstrained
+    distribution) and the content drops the code fence the model wrote; the raw reply names the sampled tokens."""
+    from types import SimpleNamespace
+
+    from llama_index.core.base.llms.types import LogProb
+
+    from llama_rerank import DEFAULT_SCALE, LabelScale
+    from llama_rerank.parse import parse_labels
+    from llama_rerank.scoring import align_tokens, label_probabilities
+
+    sampled = ["```", "json", "\n", '{"', "1", '":', ' "', "likely", '"}', "\n", "```"]
+    top = {"likely": [("likely", -0.5), ("unlikely", -1.5), ("very", -2.5)]}
+    content = [SimpleNamespace(token=t, logprob=-0.1, bytes=list(t.encode())) for t in sampled]
+    logprobs = [[LogProb(token=t, logprob=lp) for t, lp in top.get(tok, [("[", -0.1), ("x", -3.0)])] for tok in sampled]
+    raw = SimpleNamespace(choices=[SimpleNamespace(logprobs=SimpleNamespace(content=content), finish_reason="stop")])
+    response = ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content='{"1": "likely"}'),
+                            logprobs=logprobs, raw=raw)  # fmt: skip
+    reply = LLMCaller(Provider(ScriptedLLM(lambda p, c: "")), ENCODE, 0, None)._reply("p", response, 0)
+    assert reply.text == "".join(sampled)
+    aligned = align_tokens(reply.text, reply.logprobs)
+    assert aligned is not None
+    scale = LabelScale.from_mapping(DEFAULT_SCALE)
+    start = parse_labels(reply.text, 1, scale).spans[1][0]
+    assert set(label_probabilities(reply.text, aligned, start, scale)) == {"likely", "unlikely", "very likely"}

@@ -78,3 +78,23 @@ def test_demo_command_runs_end_to_end(tmp_path):
     out = done.stdout
     assert "46 added" in out and "first stage" in out and "reranked" in out
     assert "Answer:" in out and "rerank LLM calls" in out
+
+
+def test_structured_output_on_the_bundled_model_keeps_logprob_scores(demo_index):
+    """llama.cpp constrains decoding to the JSON schema; the label's first token inside the JSON string still
+    carries the label probabilities."""
+    reranker = LikelihoodRerank(llm=make_llm("local"), top_n=4, window_size=4, structured_output=True)
+    nodes = demo_index.as_retriever(similarity_top_k=4).retrieve("milk squealing while frothing")
+    result = reranker.rerank("The milk makes a squealing noise while I froth it", nodes)
+    assert {n.node.node_id for n in result.nodes} == {n.node.node_id for n in nodes}
+    assert result.usage.unparsed == 0 and result.usage.failed_windows == 0
+    assert reranker._calls.structured, "the server took the schema"
+    assert result.usage.logprob_scored == 4
+
+
+def test_check_llm_on_the_bundled_model(capsys):
+    from llama_rerank.cli import main
+
+    assert main(["check-llm", "--llm", "local"]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 3 passages labelled" in out and "logprobs:        yes" in out and "structured out:  yes" in out
