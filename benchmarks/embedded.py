@@ -84,17 +84,6 @@ class Cranfield:
         ]
 
 
-def demo_candidates(run: int, k: int) -> tuple[str, str, list[str]]:
-    """Without Cranfield: the demo corpus (46 documents of ~105 words), a different query and rotation per run."""
-    from llama_rerank.pipeline import demo_corpus
-
-    folder, queries = demo_corpus()
-    texts = [" ".join(p.read_text(encoding="utf-8").split()) for p in sorted(folder.glob("*.md"))]
-    start = (run * 7) % len(texts)
-    rotated = texts[start:] + texts[:start]
-    return "demo corpus", queries[run % len(queries)]["query"], rotated[:k]
-
-
 def cut(text: str, words: int) -> str:
     return " ".join(text.split()[:words])
 
@@ -206,15 +195,11 @@ def main() -> None:
         print(f"SKIPPED: the local runtime is not installed ({exc}); pip install 'llama-rerank[local]'")
         return
 
-    if all((CRANFIELD / n).exists() for n in ("cran.all.1400", "cran.qry", "cranqrel")):
-        cranfield = Cranfield(min_words=max(w for _, w, _ in RUNS))
-        pick = lambda run, k: cranfield.candidates(run + 1, k)  # noqa: E731 - query 1 for the warm-up, 2.. for runs
-        print(f"candidates  : Cranfield ({CRANFIELD}): run i uses query i+1 (query 1: warm-up) and abstracts")
-        print("              of >= 150 words no other run uses (up to K/3 judged relevant, the rest random), cut to")
-        print("              the run's word count")
-    else:
-        print(f"candidates  : Cranfield not found under {CRANFIELD}; the bundled demo corpus instead (~105-word documents)")
-        pick = demo_candidates
+    cranfield = Cranfield(min_words=max(w for _, w, _ in RUNS))
+    pick = lambda run, k: cranfield.candidates(run + 1, k)  # noqa: E731 - query 1 for the warm-up, 2.. for runs
+    print(f"candidates  : Cranfield ({CRANFIELD}): run i uses query i+1 (query 1: warm-up) and abstracts")
+    print("              of >= 150 words no other run uses (up to K/3 judged relevant, the rest random), cut to")
+    print("              the run's word count")
 
     started = time.perf_counter()
     try:

@@ -6,6 +6,7 @@
     ├── LLMConfigError          the LLM refused a request in a way no retry fixes (bad key, unknown model, ...);
     │                           raised whatever on_error says
     ├── StoreError              a vector store or input folder that cannot be used (ingest, query)
+    ├── MissingExtraError       (in ``llama_rerank._extras``, also an ImportError) a feature's extra is not installed
     └── EvalError               (in ``llama_rerank.eval``) a dataset, system spec or option ``eval`` cannot use
 """
 
