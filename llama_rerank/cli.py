@@ -4,9 +4,11 @@ function and prints; library errors become ``TypeName: message`` and exit status
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -21,29 +23,51 @@ def _snippet(text: str, width: int = WIDTH) -> str:
 
 
 def format_report(report: "QueryReport") -> str:  # noqa: F821 - imported lazily below
-    """First-stage and reranked orders side by side, then the answer, timings and token counts."""
+    """First-stage and reranked orders side by side (``*`` marks the known answer passage), a legend of the scores,
+    where the known answer moved, then the answer, timings and token counts."""
     rows = [f"Query: {report.query}", "",
-            f"{'#':>2}  {'first stage':<{WIDTH + 8}} | {'reranked':<8} {'label':<15} {'score':>5} {'was':>3}  passage",
+            f"{'#':>2}  {'first stage':<{WIDTH + 8}} | {'label':<15} {'llm':>5} {'final':>5} {'was':>3}  passage",
             "-" * (WIDTH * 2 + 48)]  # fmt: skip
     for i in range(max(len(report.first_stage), len(report.reranked))):
-        left = ""
+        left = right = ""
         if i < len(report.first_stage):
             node = report.first_stage[i]
-            left = f"{node.score or 0:.3f}  {_snippet(node.node.get_content())}"
-        right = ""
+            left = f"{node.score or 0:.3f} {_mark(report, node)}{_snippet(node.node.get_content())}"
         if i < len(report.reranked):
             node = report.reranked[i]
             meta = node.node.metadata
-            right = (f"{i + 1:<8} {meta['rerank_label'] or '-':<15} {node.score:>5.2f} {meta['retrieval_rank']:>3}  "
-                     f"{_snippet(node.node.get_content())}")  # fmt: skip
+            right = (f"{meta['rerank_label'] or '-':<15} {meta['rerank_score']:>5.2f} {node.score:>5.2f} {meta['retrieval_rank']:>3} "
+                     f"{_mark(report, node)}{_snippet(node.node.get_content())}")  # fmt: skip
         rows.append(f"{i + 1:>2}  {left:<{WIDTH + 8}} | {right}")
+        if report.answer is not None and i + 1 == report.top_n < len(report.reranked):
+            rows.append(f"{'':>2}  {'':<{WIDTH + 8}} | {'-' * 12} the passages above went to the answer step")
+    rows += ["-" * (WIDTH * 2 + 48), report.score_legend]
+    if report.known_answer is not None:
+        before, after = report.known_rank(report.first_stage), report.known_rank(report.reranked)
+        where = "not retrieved" if before is None else f"rank {before} before reranking, {after} after: {report.move}"
+        rows += [f"* known answer passage ({report.known_answer}): {where}"]
     if report.answer is not None:
         rows += ["", "Answer:", textwrap.fill(report.answer, width=100)]
+    if report.known_fact is not None:
+        rows += ["", "The known answer passage says:", textwrap.fill(report.known_fact, width=100)]
     usage, t = report.usage, report.timings
     rows += ["", f"time: retrieve {t['retrieve']:.1f}s, rerank {t['rerank']:.1f}s, answer {t['answer']:.1f}s | "
                  f"rerank LLM calls {usage.llm_calls}, prompt tokens {usage.prompt_tokens}, "
                  f"completion tokens {usage.completion_tokens}, unparsed {usage.unparsed}, failed windows {usage.failed_windows}"]  # fmt: skip
     return "\n".join(rows)
+
+
+def _mark(report: "QueryReport", node: "NodeWithScore") -> str:  # noqa: F821
+    return "*" if report.is_known_answer(node) else " "
+
+
+def format_moves(reports: Sequence["QueryReport"]) -> str:  # noqa: F821
+    """The closing line: how many known answer passages reranking moved up, down or left where they were."""
+    moves = Counter(report.move for report in reports if report.known_answer is not None)
+    firsts = [(r.known_rank(r.first_stage), r.known_rank(r.reranked)) for r in reports if r.known_answer is not None]
+    return (f"Known answer passages over {sum(moves.values())} queries: moved up {moves['up']}, down {moves['down']}, "
+            f"stayed {moves['stayed']}" + (f", not retrieved {moves['not retrieved']}" if moves["not retrieved"] else "")
+            + f"; at rank 1: {sum(b == 1 for b, _ in firsts)} before reranking, {sum(a == 1 for _, a in firsts)} after.")  # fmt: skip
 
 
 def _add_store(parser: argparse.ArgumentParser, default: Path) -> None:
@@ -55,7 +79,7 @@ def _add_rerank(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llm", default="local", help="'local' (bundled model, default), 'openai:<model>', or an OpenAI-compatible server URL")
     parser.add_argument("--model", default=None, help="model name to ask a server URL for")
     parser.add_argument("--top-k", type=int, default=10, help="candidates from the first stage (default: %(default)s)")
-    parser.add_argument("--top-n", type=int, default=3, help="passages kept after reranking (default: %(default)s)")
+    parser.add_argument("--top-n", type=int, default=3, help="reranked passages the answer step reads (default: %(default)s)")
     parser.add_argument("--window-size", type=int, default=None, help="candidates per LLM call (default: tuned for --llm local, else 10)")
     parser.add_argument("--no-answer", action="store_true", help="only show the rankings, do not synthesize an answer")
 
@@ -80,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="ingest the bundled sample corpus and run its queries")
     _add_store(demo, DEMO_STORE)
     _add_rerank(demo)
-    demo.add_argument("--queries", type=int, default=3, help="how many of the demo queries to run (default: %(default)s)")
+    demo.add_argument("--queries", type=int, default=None, help="how many of the demo queries to run (default: all 8)")
 
     from llama_rerank.eval import add_arguments as add_eval_arguments
 
@@ -137,18 +161,24 @@ def _run(args: argparse.Namespace) -> int:
         folder, queries = pipeline.demo_corpus()
         print(f"Ingesting the sample corpus ({folder}) into {args.store} ...")
         print(store.ingest(folder, args.store, embed_model, collection=args.collection))
-        texts = [q["query"] for q in queries[: args.queries]]
+        queries = queries[: args.queries]
     else:
-        texts = [args.text]
+        queries = [{"query": args.text}]
     index = store.load_index(args.store, embed_model, collection=args.collection)
     llm = pipeline.make_llm(args.llm, model=args.model)
-    settings = {**pipeline.reranker_defaults(args.llm), "top_n": args.top_n}
+    settings = {**pipeline.reranker_defaults(args.llm), "top_n": max(args.top_n, args.top_k)}  # show every candidate
     if args.window_size is not None:
         settings["window_size"] = args.window_size
     reranker = LikelihoodRerank(llm=llm, **settings)
-    for text in texts:
+    reports = []
+    for query in queries:
+        report = pipeline.run_query(index, reranker, query["query"], top_k=args.top_k, top_n=args.top_n, answer=not args.no_answer)
+        reports.append(dataclasses.replace(report, known_answer=query.get("answer_doc"), known_fact=query.get("answer_fact")))
         print()
-        print(format_report(pipeline.run_query(index, reranker, text, top_k=args.top_k, answer=not args.no_answer)))
+        print(format_report(reports[-1]))
+    if args.command == "demo":
+        print()
+        print(format_moves(reports))
     return 0
 
 

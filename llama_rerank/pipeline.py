@@ -17,7 +17,9 @@ from typing import Any
 
 from llama_index.core import VectorStoreIndex, get_response_synthesizer
 from llama_index.core.base.embeddings.base import BaseEmbedding
+from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.llms import LLM
+from llama_index.core.prompts import ChatPromptTemplate
 from llama_index.core.schema import NodeWithScore
 
 from llama_rerank._extras import require
@@ -79,7 +81,12 @@ def default_embedding() -> BaseEmbedding:
 
 @dataclass
 class QueryReport:
-    """One query's journey: first-stage order, reranked order, the answer, usage and timings (seconds)."""
+    """One query's journey: first-stage order, reranked order, the answer, usage and timings (seconds).
+
+    ``reranked`` holds what the reranker returned; the first ``top_n`` of them went to the answer step.
+    ``known_answer`` names the file of the passage that answers the query and ``known_fact`` what it says, when
+    they are known (the demo queries).
+    """
 
     query: str
     first_stage: list[NodeWithScore]
@@ -87,24 +94,71 @@ class QueryReport:
     answer: str | None
     usage: RerankUsage
     timings: dict[str, float] = field(default_factory=dict)
+    top_n: int | None = None
+    score_legend: str = ""
+    known_answer: str | None = None
+    known_fact: str | None = None
+
+    def is_known_answer(self, node: NodeWithScore) -> bool:
+        return self.known_answer is not None and node.node.metadata.get("file_name") == self.known_answer
+
+    def known_rank(self, nodes: list[NodeWithScore]) -> int | None:
+        """1-based position of the known answer passage in ``nodes``; None when it is not there."""
+        return next((rank for rank, node in enumerate(nodes, start=1) if self.is_known_answer(node)), None)
+
+    @property
+    def move(self) -> str:
+        """Where reranking took the known answer passage: 'up', 'down', 'stayed' or 'not retrieved'."""
+        before, after = self.known_rank(self.first_stage), self.known_rank(self.reranked)
+        if before is None or after is None:
+            return "not retrieved"
+        return "up" if after < before else "down" if after > before else "stayed"
+
+
+def score_legend(reranker: LikelihoodRerank) -> str:
+    """What a report's label, llm and final columns mean under ``reranker``'s settings, in one line."""
+    llm = "llm" + (" (min-max normalised per query)" if reranker.normalize else "")
+    signal = "rank (1 first .. 0 last)" if reranker.retrieval_signal == "rank" else "score (min-max normalised)"
+    weight = reranker.retrieval_weight
+    final = llm if weight == 0 else f"{1 - weight:g} x {llm} + {weight:g} x first-stage {signal}"
+    return f"label: what the model wrote; llm: its score, probability-weighted if logprobs came back; final = {final}"
+
+
+# The answer step's prompt: LlamaIndex's default QA prompt with the query moved above the passages and one sentence
+# asking for the fact itself. With the default (query last, then "Answer:") the bundled 1.5B model echoes a query
+# phrased as a statement ("The milk makes a squealing noise while I froth it") back as its answer. What it gets right
+# on the demo queries, and the variants tried: demo_data/README.md.
+ANSWER_PROMPT = ChatPromptTemplate(
+    message_templates=[
+        ChatMessage(role=MessageRole.SYSTEM, content="You are an expert Q&A system that is trusted around the world.\n"
+                    "Always answer the query using the provided context information, and not prior knowledge."),
+        ChatMessage(role=MessageRole.USER, content="Query: {query_str}\n\nContext information is below.\n"
+                    "---------------------\n{context_str}\n---------------------\nGiven the context information and "
+                    "not prior knowledge, answer the query above in one or two sentences with the fact that answers it "
+                    "(a number, yes or no with the reason, or the cause and its fix). Do not repeat the query."),
+    ]
+)  # fmt: skip
 
 
 def run_query(
-    index: VectorStoreIndex, reranker: LikelihoodRerank, query: str, top_k: int = 10, answer: bool = True
-) -> QueryReport:
-    """Retrieve ``top_k``, rerank to ``reranker.top_n``, and (optionally) synthesize an answer with its LLM."""
+    index: VectorStoreIndex, reranker: LikelihoodRerank, query: str, top_k: int = 10, answer: bool = True,
+    top_n: int | None = None,
+) -> QueryReport:  # fmt: skip
+    """Retrieve ``top_k``, rerank, and (optionally) answer from the first ``top_n`` (default ``reranker.top_n``)
+    with the reranker's LLM. A reranker with ``top_n >= top_k`` shows where every candidate went."""
     started = time.perf_counter()
     first_stage = index.as_retriever(similarity_top_k=top_k).retrieve(query)
     retrieved = time.perf_counter()
     result = reranker.rerank(query, first_stage)
     reranked = time.perf_counter()
+    top_n = min(top_n or reranker.top_n, reranker.top_n)
     text = None
     if answer:
-        response = get_response_synthesizer(llm=reranker._llm, response_mode="compact").synthesize(query, result.nodes)
-        text = str(response).strip()
+        synthesizer = get_response_synthesizer(llm=reranker._llm, response_mode="compact", text_qa_template=ANSWER_PROMPT)
+        text = str(synthesizer.synthesize(query, result.nodes[:top_n])).strip()
     done = time.perf_counter()
     timings = {"retrieve": retrieved - started, "rerank": reranked - retrieved, "answer": done - reranked}
-    return QueryReport(query, first_stage, result.nodes, text, result.usage, timings)
+    return QueryReport(query, first_stage, result.nodes, text, result.usage, timings, top_n, score_legend(reranker))
 
 
 def demo_corpus() -> tuple[Path, list[dict[str, Any]]]:

@@ -1,12 +1,14 @@
-"""The `llama-rerank` command's fast paths: ingest, errors as `TypeName: message` with exit status 1."""
+"""The `llama-rerank` command's fast paths: ingest, errors as `TypeName: message` with exit status 1, the query report
+and the demo with a scripted LLM."""
 
 import pytest
 
-from llama_rerank import LlamaRerankError
-from llama_rerank.cli import format_report, main
-from llama_rerank.pipeline import QueryReport, make_llm
+from llama_rerank import LikelihoodRerank, LlamaRerankError
+from llama_rerank.cli import format_moves, format_report, main
+from llama_rerank.pipeline import QueryReport, demo_corpus, make_llm, reranker_defaults, score_legend
 from llama_rerank.types import RerankUsage
 from conftest import make_nodes
+from fakes import ScriptedLLM, passages, query_of
 
 
 def test_ingest_prints_a_report(tmp_path, capsys):
@@ -40,14 +42,90 @@ def test_llm_choices_fail_clearly(monkeypatch):
     assert llm.model == "qwen" and llm.logprobs is True and llm.metadata.is_chat_model
 
 
-def test_report_shows_both_orders_side_by_side():
-    first = make_nodes(["alpha passage", "beta passage"])
-    reranked = [n.model_copy() for n in reversed(first)]
-    for rank, node in zip((2, 1), reranked):
-        node.node = node.node.model_copy(update={"metadata": {"rerank_label": "likely", "retrieval_rank": rank}})
+def _report(labels, llm_scores, finals, was, answer="the answer", top_n=2, known="doc1"):
+    """A report over passages 'alpha'.. whose first stage is in file order and whose reranked order is ``was``."""
+    first = make_nodes([f"{word} passage" for word in ("alpha", "beta", "gamma", "delta")[: len(was)]])
+    for node in first:
+        node.node.metadata["file_name"] = node.node.metadata.pop("source")
+    reranked = []
+    for label, llm, final, rank in zip(labels, llm_scores, finals, was):
+        node = first[rank - 1].model_copy()
+        meta = {**node.node.metadata, "rerank_label": label, "rerank_score": llm, "retrieval_rank": rank}
+        node.node = node.node.model_copy(update={"metadata": meta})
+        node.score = final
+        reranked.append(node)
     usage = RerankUsage(llm_calls=1, prompt_tokens=120, completion_tokens=9)
-    text = format_report(QueryReport("q?", first, reranked, "the answer", usage, {"retrieve": 0.1, "rerank": 2.0, "answer": 1.0}))
+    return QueryReport("q?", first, reranked, answer, usage, {"retrieve": 0.1, "rerank": 2.0, "answer": 1.0}, top_n,
+                       score_legend(LikelihoodRerank(llm=ScriptedLLM(lambda p, c: ""), **reranker_defaults("local"))),
+                       known_answer=known)  # fmt: skip
+
+
+def test_report_shows_both_orders_label_llm_and_final_score_with_a_legend():
+    text = format_report(_report(["unlikely", "likely", "unlikely"], [0.05, 0.7, 0.01], [0.99, 0.6, 0.0], [1, 2, 3]))
     lines = text.splitlines()
     row1 = next(line for line in lines if line.startswith(" 1 "))
-    assert "alpha passage" in row1.split("|")[0] and "beta passage" in row1.split("|")[1]
-    assert "likely" in row1 and "Answer:" in text and "prompt tokens 120" in text
+    left, right = row1.split("|")
+    assert "alpha passage" in left and "1.000" in left
+    assert right.split()[:4] == ["unlikely", "0.05", "0.99", "1"] and "alpha passage" in right
+    legend = lines[lines.index(next(line for line in lines if line.startswith(" 3 "))) + 2]
+    assert legend == ("label: what the model wrote; llm: its score, probability-weighted if logprobs came back; "
+                      "final = 0.5 x llm (min-max normalised per query) + 0.5 x first-stage rank (1 first .. 0 last)")
+    assert "Answer:" in text and "prompt tokens 120" in text
+
+
+def test_report_marks_the_known_answer_and_where_the_answer_step_stops():
+    text = format_report(_report(["likely", "unlikely", "unlikely"], [0.7, 0.1, 0.0], [0.9, 0.5, 0.1], [2, 1, 3]))
+    lines = text.splitlines()
+    assert [line.count("*") for line in lines if line[:3] in (" 1 ", " 2 ", " 3 ")] == [1, 1, 0]
+    assert "*beta passage" in lines[4].split("|")[1] and "*beta passage" in lines[5].split("|")[0]
+    assert lines[6].split("|")[1].strip() == "------------ the passages above went to the answer step"
+    assert "* known answer passage (doc1): rank 2 before reranking, 1 after: up" in text
+    no_answer = format_report(_report(["likely"] * 3, [0.5] * 3, [0.5] * 3, [1, 2, 3], answer=None, known=None))
+    assert "answer step" not in no_answer and "*" not in no_answer and "known answer" not in no_answer
+
+
+@pytest.mark.parametrize("settings, legend", [
+    ({}, "final = llm"),
+    ({"retrieval_weight": 0.3, "retrieval_signal": "score"}, "final = 0.7 x llm + 0.3 x first-stage score (min-max normalised)"),
+])  # fmt: skip
+def test_legend_follows_the_reranker_settings(settings, legend):
+    assert score_legend(LikelihoodRerank(llm=ScriptedLLM(lambda p, c: ""), **settings)).endswith(legend)
+
+
+def test_closing_line_counts_known_answers_moved_up_down_and_stayed():
+    up = _report(["likely"] * 3, [0.5] * 3, [0.5] * 3, [2, 1, 3])
+    down = _report(["likely"] * 3, [0.5] * 3, [0.5] * 3, [1, 3, 2], known="doc1")
+    stayed = _report(["likely"] * 3, [0.5] * 3, [0.5] * 3, [1, 2, 3], known="doc0")
+    missing = _report(["likely"] * 3, [0.5] * 3, [0.5] * 3, [1, 2, 3], known="doc9")
+    assert [r.move for r in (up, down, stayed, missing)] == ["up", "down", "stayed", "not retrieved"]
+    assert format_moves([up, down, stayed, missing, up]) == (
+        "Known answer passages over 5 queries: moved up 2, down 1, stayed 1, not retrieved 1; "
+        "at rank 1: 1 before reranking, 3 after."
+    )
+
+
+def test_demo_reports_where_each_known_answer_went_and_answers_from_the_top_n(tmp_path, monkeypatch, capsys):
+    """The whole demo command on the bundled corpus (real embeddings and Chroma) with a scripted LLM judge."""
+    _, queries = demo_corpus()
+    answers = {q["query"]: q["answer_doc"] for q in queries[:3]}
+
+    def judge(prompt, call):
+        if "<passage" not in prompt:
+            return "Stop at 55 to 60 °C."
+        known = answers[query_of(prompt)]
+        rule = {"plant-based": ("very likely", "unlikely"), "squealing": ("likely", "likely"), "backflush": ("unlikely", "very likely")}
+        mine, others = next(labels for word, labels in rule.items() if word in prompt)
+        return "\n".join(f"[{i}] {mine if known in text else others}" for i, text in enumerate(passages(prompt), start=1))
+
+    llm = ScriptedLLM(judge)
+    monkeypatch.setattr("llama_rerank.pipeline.make_llm", lambda spec, model=None: llm)
+    assert main(["demo", "--queries", "3", "--store", str(tmp_path / "store")]) == 0
+    out = capsys.readouterr().out
+    assert "* known answer passage (28-steaming-oat-milk.md): rank 2 before reranking, 1 after: up" in out
+    assert "* known answer passage (29-milk-screeching.md): rank 2 before reranking, 2 after: stayed" in out
+    assert "* known answer passage (24-cleaning-without-three-way.md): rank 3 before reranking, 10 after: down" in out
+    assert out.rstrip().endswith("Known answer passages over 3 queries: moved up 1, down 1, stayed 1; at rank 1: 0 before reranking, 1 after.")
+    assert out.count("The known answer passage says:") == 3 and queries[0]["answer_fact"][:40] in " ".join(out.split())
+    answer_prompts = [p for p in llm.prompts if "<passage" not in p]
+    assert len(answer_prompts) == 3 and all(p.count("file_name: ") == 3 for p in answer_prompts)  # --top-n 3 of 10
+    assert all(p.endswith("Do not repeat the query.") and p.index("Query:") < p.index("file_name:") for p in answer_prompts)
