@@ -80,7 +80,8 @@ def _add_rerank(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model name to ask a server URL for")
     parser.add_argument("--top-k", type=int, default=10, help="candidates from the first stage (default: %(default)s)")
     parser.add_argument("--top-n", type=int, default=3, help="reranked passages the answer step reads (default: %(default)s)")
-    parser.add_argument("--window-size", type=int, default=None, help="candidates per LLM call (default: tuned for --llm local, else 10)")
+    parser.add_argument("--window-size", type=int, default=None, help="most candidates per LLM call (default: 10 for every --llm; for local, "
+                        "one per call was no better and 35%% slower: docs/EVALUATION.md)")
     parser.add_argument("--no-answer", action="store_true", help="only show the rankings, do not synthesize an answer")
 
 
