@@ -63,11 +63,14 @@ def _mark(report: "QueryReport", node: "NodeWithScore") -> str:  # noqa: F821
 
 def format_moves(reports: Sequence["QueryReport"]) -> str:  # noqa: F821
     """The closing line: how many known answer passages reranking moved up, down or left where they were."""
-    moves = Counter(report.move for report in reports if report.known_answer is not None)
-    firsts = [(r.known_rank(r.first_stage), r.known_rank(r.reranked)) for r in reports if r.known_answer is not None]
-    return (f"Known answer passages over {sum(moves.values())} queries: moved up {moves['up']}, down {moves['down']}, "
-            f"stayed {moves['stayed']}" + (f", not retrieved {moves['not retrieved']}" if moves["not retrieved"] else "")
-            + f"; at rank 1: {sum(b == 1 for b, _ in firsts)} before reranking, {sum(a == 1 for _, a in firsts)} after.")  # fmt: skip
+    known = [r for r in reports if r.known_answer is not None]
+    moves = Counter(r.move for r in known)
+    first_before = sum(r.known_rank(r.first_stage) == 1 for r in known)
+    first_after = sum(r.known_rank(r.reranked) == 1 for r in known)
+    return (f"Known answer passages over {len(known)} quer{'y' if len(known) == 1 else 'ies'}: moved up {moves['up']}, "
+            f"down {moves['down']}, stayed {moves['stayed']}"
+            + (f", not retrieved {moves['not retrieved']}" if moves["not retrieved"] else "")
+            + f"; at rank 1: {first_before} before reranking, {first_after} after.")  # fmt: skip
 
 
 def _add_store(parser: argparse.ArgumentParser, default: Path) -> None:

@@ -76,7 +76,8 @@ def test_demo_command_runs_end_to_end(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    assert "46 added" in out and "first stage" in out and "reranked" in out
+    assert "46 added" in out and "first stage" in out and "* known answer passage (28-steaming-oat-milk.md): rank 2" in out
+    assert "Known answer passages over 1 query: moved" in out
     assert "Answer:" in out and "rerank LLM calls" in out
 
 
