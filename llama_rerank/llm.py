@@ -81,13 +81,18 @@ def _run_with_timeout(fn: Callable[[], Any], timeout: float | None) -> Any:
     return box["value"]
 
 
-def _finish_reason(response: Any) -> str | None:
+def _raw_choice(response: Any, field: str) -> Any:
+    """``field`` of the first choice of the raw OpenAI-style reply (an object or a dict), if there is one."""
     raw = getattr(response, "raw", None)
     choices = raw.get("choices") if isinstance(raw, dict) else getattr(raw, "choices", None)
     if not choices:
         return None
     first = choices[0]
-    return first.get("finish_reason") if isinstance(first, dict) else getattr(first, "finish_reason", None)
+    return first.get(field) if isinstance(first, dict) else getattr(first, field, None)
+
+
+def _finish_reason(response: Any) -> str | None:
+    return _raw_choice(response, "finish_reason")
 
 
 def _answer(response: Any) -> tuple[str, list[list[LogProb]] | None]:
@@ -99,9 +104,7 @@ def _answer(response: Any) -> tuple[str, list[list[LogProb]] | None]:
     the text is what they spell when it contains the returned content, so text and tokens line up.
     """
     text, logprobs = _text(response), response.logprobs or None
-    raw = getattr(response, "raw", None)
-    choices = getattr(raw, "choices", None)
-    content = getattr(getattr(choices[0], "logprobs", None), "content", None) if choices else None
+    content = getattr(_raw_choice(response, "logprobs"), "content", None)
     if not logprobs or not content or len(content) != len(logprobs):
         return text, logprobs
     spelled = "".join(c.token for c in content)
