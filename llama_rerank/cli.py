@@ -88,6 +88,32 @@ def _add_rerank(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-answer", action="store_true", help="only show the rankings, do not synthesize an answer")
 
 
+def _prices(text: str) -> dict[str, float]:
+    try:
+        prompt, completion = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give PROMPT,COMPLETION prices per million tokens, e.g. 1.25,10 (got {text!r})") from None
+    if min(prompt, completion) < 0:
+        raise argparse.ArgumentTypeError(f"prices cannot be negative (got {text!r})")
+    return {"prompt": prompt, "completion": completion}
+
+
+def _add_dry_run(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", action="store_true", help="retrieve, then print the LLM calls and tokens the rerank would "
+                        "take, without calling the LLM (nor starting the bundled model)")  # fmt: skip
+    parser.add_argument("--prices", type=_prices, default=None, metavar="PROMPT,COMPLETION",
+                        help="with --dry-run, also the cost at these prices per million prompt and completion tokens")  # fmt: skip
+
+
+def format_estimate(estimate: "RerankEstimate") -> str:  # noqa: F821 - imported lazily
+    """``query --dry-run``: what the rerank would take, in one line, and what it does not count."""
+    cost = "" if estimate.cost is None else f", cost {estimate.cost:.4f}"
+    cached = f" ({estimate.cache_hits} candidates from the cache)" if estimate.cache_hits else ""
+    return (f"Rerank estimate: {estimate.windows} window(s), {estimate.llm_calls} LLM call(s){cached}, "
+            f"{estimate.prompt_tokens} prompt tokens, {estimate.completion_tokens} completion tokens{cost}. "
+            "Nothing was sent to the LLM; the answer step, follow-ups, retries and hidden reasoning tokens are not counted.")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llama_rerank.pipeline import DEFAULT_STORE, DEMO_STORE
 
@@ -104,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("text", help="the question")
     _add_store(query, DEFAULT_STORE)
     _add_rerank(query)
+    _add_dry_run(query)
 
     demo = sub.add_parser("demo", help="ingest the bundled sample corpus and run its queries")
     _add_store(demo, DEMO_STORE)
@@ -112,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from llama_rerank.eval import add_arguments as add_eval_arguments
 
-    add_eval_arguments(sub.add_parser("eval", help="score rerankers on a BEIR-layout folder or Cranfield (nDCG@10, MRR@10, Recall@N)"))
+    evaluate = sub.add_parser("eval", help="score rerankers on a BEIR-layout folder or Cranfield (nDCG@10, MRR@10, Recall@N)")
+    add_eval_arguments(evaluate)
+    _add_dry_run(evaluate)
 
     check = sub.add_parser("check-llm", help="one tiny rerank: what the LLM supports (logprobs, structured output, "
                            "reasoning), latency, tokens per candidate, and the settings it will get")  # fmt: skip
@@ -123,7 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:  # a missing extra (MissingExtraError) is a LlamaRerankError too: one line naming it, exit 1
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "prices", None) and not args.dry_run:
+            parser.error("--prices goes with --dry-run (it prices the estimate)")
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return _run(args)
     except LlamaRerankError as exc:
@@ -169,11 +201,16 @@ def _run(args: argparse.Namespace) -> int:
     else:
         queries = [{"query": args.text}]
     index = store.load_index(args.store, embed_model, collection=args.collection)
-    llm = pipeline.make_llm(args.llm, model=args.model)
+    dry_run = getattr(args, "dry_run", False)
+    llm = pipeline.make_llm(args.llm, model=args.model, serve=not dry_run)
     settings = {**pipeline.reranker_defaults(args.llm), "top_n": max(args.top_n, args.top_k)}  # show every candidate
     if args.window_size is not None:
         settings["window_size"] = args.window_size
     reranker = LikelihoodRerank(llm=llm, **settings)
+    if dry_run:
+        nodes = index.as_retriever(similarity_top_k=args.top_k).retrieve(args.text)
+        print(format_estimate(reranker.estimate(args.text, nodes, args.prices)))
+        return 0
     reports = []
     for query in queries:
         report = pipeline.run_query(index, reranker, query["query"], top_k=args.top_k, top_n=args.top_n, answer=not args.no_answer)

@@ -30,10 +30,14 @@ from llama_rerank.types import RerankUsage
 DATA_DIR = Path(require("platformdirs", "chroma").user_data_dir("llama-rerank"))
 DEFAULT_STORE = DATA_DIR / "chroma"
 DEMO_STORE = DATA_DIR / "demo-chroma"
+NOT_SERVED = "http://127.0.0.1:9/v1"  # the local LLM's address in a dry run: nothing listens, nothing is called
 
 
-def make_llm(spec: str = "local", model: str | None = None, context_window: int = 4096) -> LLM:
+def make_llm(spec: str = "local", model: str | None = None, context_window: int = 4096, serve: bool = True) -> LLM:
     """``local`` (the bundled model), ``openai:<model>`` (needs OPENAI_API_KEY) or an OpenAI-compatible server URL.
+
+    ``serve=False`` gives the local LLM without starting the bundled model: enough to count tokens (a dry run),
+    not to call it.
 
     Every choice asks for token log-probabilities, which ``LikelihoodRerank`` turns into scores (it stops asking,
     with a warning, if the provider refuses them). The client retries once: the reranker runs its own retries with
@@ -42,7 +46,7 @@ def make_llm(spec: str = "local", model: str | None = None, context_window: int 
     if spec == "local":
         from llama_rerank.runtime import local_llm
 
-        return local_llm()
+        return local_llm() if serve else local_llm(api_base=NOT_SERVED)
     if spec.startswith("openai:"):
         if not os.environ.get("OPENAI_API_KEY"):
             raise LlamaRerankError(f"--llm {spec} needs the OPENAI_API_KEY environment variable set")

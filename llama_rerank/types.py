@@ -59,3 +59,9 @@ class RerankEstimate:
     completion_tokens: int = 0  # the answers, one label per candidate, averaged over the scale's labels
     cache_hits: int = 0  # candidates whose window is already in the judgement cache
     cost: float | None = None  # with a price table: prompt and completion tokens at its prices per million tokens
+
+    def add(self, other: "RerankEstimate") -> None:
+        """Add another estimate into this one; the cost stays known only while both costs are."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            setattr(self, f.name, None if mine is None or theirs is None else mine + theirs)

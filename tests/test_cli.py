@@ -8,7 +8,7 @@ from llama_rerank.cli import format_moves, format_report, main
 from llama_rerank.pipeline import QueryReport, demo_corpus, make_llm, reranker_defaults, score_legend
 from llama_rerank.types import RerankUsage
 from conftest import make_nodes
-from fakes import ScriptedLLM, passages, query_of
+from fakes import ScriptedLLM, label_by_keyword, passages, query_of
 
 
 def test_ingest_prints_a_report(tmp_path, capsys):
@@ -118,7 +118,7 @@ def test_demo_reports_where_each_known_answer_went_and_answers_from_the_top_n(tm
         return "\n".join(f"[{i}] {mine if known in text else others}" for i, text in enumerate(passages(prompt), start=1))
 
     llm = ScriptedLLM(judge)
-    monkeypatch.setattr("llama_rerank.pipeline.make_llm", lambda spec, model=None: llm)
+    monkeypatch.setattr("llama_rerank.pipeline.make_llm", lambda spec, **kw: llm)
     assert main(["demo", "--queries", "3", "--store", str(tmp_path / "store")]) == 0
     out = capsys.readouterr().out
     assert "* known answer passage (28-steaming-oat-milk.md): rank 2 before reranking, 1 after: up" in out
@@ -129,3 +129,43 @@ def test_demo_reports_where_each_known_answer_went_and_answers_from_the_top_n(tm
     answer_prompts = [p for p in llm.prompts if "<passage" not in p]
     assert len(answer_prompts) == 3 and all(p.count("file_name: ") == 3 for p in answer_prompts)  # --top-n 3 of 10
     assert all(p.endswith("Do not repeat the query.") and p.index("Query:") < p.index("file_name:") for p in answer_prompts)
+
+
+def test_query_dry_run_prints_the_estimate_and_calls_nothing(tmp_path, monkeypatch, capsys):
+    """Real embeddings and Chroma; the LLM is scripted and must see no prompt, and is built without starting a server."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"{i}.txt").write_text(f"Note {i}: swept wings delay drag rise at speed {i * 100}.", encoding="utf-8")
+    store = str(tmp_path / "store")
+    assert main(["ingest", str(folder), "--store", store]) == 0
+    llm, made = ScriptedLLM(label_by_keyword({"Note 1:": "very likely"})), []
+    monkeypatch.setattr("llama_rerank.pipeline.make_llm", lambda spec, **kw: made.append(kw) or llm)
+    capsys.readouterr()
+    argv = ["query", "swept wings?", "--store", store, "--top-k", "6", "--window-size", "4"]
+    assert main(argv + ["--dry-run", "--prices", "2,8"]) == 0
+    out = capsys.readouterr().out
+    assert llm.prompts == [] and made[-1]["serve"] is False
+    assert out.startswith("Rerank estimate: 2 window(s), 2 LLM call(s), ") and "Nothing was sent to the LLM" in out
+    prompt_tokens, completion_tokens = (int(out.split(f" {kind} tokens")[0].rsplit(" ", 1)[1]) for kind in ("prompt", "completion"))
+    assert f"cost {(prompt_tokens * 2 + completion_tokens * 8) / 1e6:.4f}" in out
+    assert main(argv + ["--no-answer"]) == 0  # the real rerank sends what the estimate counted
+    assert len(llm.prompts) == 2 and made[-1]["serve"] is True
+
+
+def test_prices_need_the_dry_run_and_a_valid_pair(capsys):
+    with pytest.raises(SystemExit):
+        main(["query", "q", "--prices", "1,2"])
+    assert "--prices goes with --dry-run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["query", "q", "--dry-run", "--prices", "cheap"])
+    assert "PROMPT,COMPLETION prices per million tokens" in capsys.readouterr().err
+
+
+def test_a_dry_run_builds_the_local_llm_without_starting_the_model(monkeypatch):
+    import llama_rerank.runtime.server as server
+
+    monkeypatch.setattr(server, "get_server", lambda: pytest.fail("a dry run started the bundled model"))
+    llm = make_llm("local", serve=False)
+    estimate = LikelihoodRerank(llm=llm, **reranker_defaults("local")).estimate("q", make_nodes(["a wing", "a flap"]))
+    assert estimate.llm_calls == 1 and estimate.prompt_tokens > 0

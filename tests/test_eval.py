@@ -406,3 +406,26 @@ def test_local_defaults_apply_to_likelihood_systems_under_their_own_parameters()
     assert systems.build("first-stage", llm, 10, defaults) is None
     assert systems.effective("likelihood", defaults) != systems.effective("likelihood", {})  # cache keys differ
     assert systems.effective("first-stage", defaults) == "first-stage"
+
+
+def test_eval_dry_run_counts_what_is_left_and_sends_nothing(beir_dir, tmp_path, monkeypatch, capsys):
+    llm = CountedLLM(answer)
+    made = []
+    monkeypatch.setattr(pipeline, "make_llm", lambda spec, **kw: made.append(kw) or llm)
+    store = str(tmp_path / "store")
+    argv = ["eval", str(beir_dir), "--systems", "first-stage,likelihood:window_size=2,llm-rerank", "--top-k", "4", "--store", store]
+    assert cli.main(argv + ["--dry-run", "--prices", "1,4"]) == 0
+    out = capsys.readouterr().out
+    assert llm.prompts == [] and made == [{"serve": False}]
+    assert not (tmp_path / "store" / "eval-cache" / CACHE_FILE).exists()  # the dry run writes no result
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:5]}
+    assert rows["first-stage"][:2] == ["3", "0"]
+    assert rows["likelihood:window_size=2"][:2] == ["3", "6"]  # 3 judged queries x 2 windows of 4 candidates
+    assert rows["llm-rerank"][:3] == ["3", "not", "foreseen"] and "cost" in out.splitlines()[0]
+    assert cli.main(argv) == 0  # the real run sends the foreseen calls
+    likelihood_prompts = [p for p in llm.prompts if "<passage id=" in p]
+    assert len(likelihood_prompts) == 6
+    capsys.readouterr()
+    assert cli.main(argv + ["--dry-run"]) == 0  # everything is in the result cache now
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:5]}
+    assert rows["likelihood:window_size=2"][:2] == ["0", "0"]

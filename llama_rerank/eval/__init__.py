@@ -46,16 +46,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def command(args: argparse.Namespace, embed_model: Any) -> int:
     """Run ``llama-rerank eval``: evaluate, print the table, write the JSON and the plot when asked."""
     from llama_rerank.eval import metrics, report
-    from llama_rerank.eval.run import evaluate
+    from llama_rerank.eval.run import estimate, evaluate
     from llama_rerank.eval.systems import split_systems
 
     exclude = report.reported_queries(args.exclude_queries) if args.exclude_queries else set()
-
-    run = evaluate(
-        args.path, split_systems(args.systems), top_k=args.top_k, top_n=args.top_n, split=args.split,
-        queries_split=args.queries_split, limit_queries=args.limit_queries, seed=args.seed, exclude_queries=exclude, llm_spec=args.llm,
-        store=args.store, cache=args.cache, embed_model=embed_model,
+    options = dict(
+        top_k=args.top_k, top_n=args.top_n, split=args.split, queries_split=args.queries_split, limit_queries=args.limit_queries,
+        seed=args.seed, exclude_queries=exclude, llm_spec=args.llm, store=args.store, cache=args.cache, embed_model=embed_model,
     )  # fmt: skip
+    if args.dry_run:
+        print(report.estimate_table(estimate(args.path, split_systems(args.systems), prices=args.prices, **options)))
+        return 0
+    run = evaluate(args.path, split_systems(args.systems), **options)
     scores = metrics.score(run.results, run.dataset.qrels, args.top_n)
     print(report.table(scores, args.top_n))
     if args.json:

@@ -18,6 +18,7 @@ from llama_rerank.eval.metrics import MRR, NDCG, recall_key
 
 if TYPE_CHECKING:
     from llama_rerank.eval.run import EvalRun
+    from llama_rerank.types import RerankEstimate
 
 
 def reported_queries(path: Path) -> set[str]:
@@ -45,7 +46,27 @@ def table(scores: Mapping[str, Mapping[str, Any]], top_n: int) -> str:
             _p(p.get("wilcoxon")), str(s["failures"]), str(s["llm_calls"]), str(s["prompt_tokens"]),
             str(s["completion_tokens"]), f"{s['latency_p50_s']:.2f}", f"{s['latency_p95_s']:.2f}",
         ])  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return _grid(rows)
+
+
+def estimate_table(estimates: Mapping[str, "tuple[int, RerankEstimate | None]"]) -> str:
+    """``--dry-run``: per system, the queries still to rerank and the LLM calls and tokens they would take."""
+    priced = any(e is not None and e.cost is not None for _, e in estimates.values())
+    rows = [["system", "queries to run", "LLM calls", "prompt tok", "compl. tok"] + (["cost"] if priced else [])]
+    for name, (queries, e) in estimates.items():
+        if e is None:
+            rows.append([name, str(queries), "not foreseen", "-", "-"] + (["-"] if priced else []))
+        else:
+            cost = [f"{e.cost:.4f}"] if priced else []
+            rows.append([name, str(queries), str(e.llm_calls), str(e.prompt_tokens), str(e.completion_tokens)] + cost)
+    notes = ("Nothing was sent to the LLM. LikelihoodRerank counts assume every answer labels every candidate (follow-ups, "
+             "retries and a reasoning model's hidden tokens not foreseen); LLMRerank and RankGPT are not foreseen.")  # fmt: skip
+    return _grid(rows) + "\n" + notes
+
+
+def _grid(rows: list[list[str]]) -> str:
+    """Rows as aligned columns, the first left-aligned, a rule under the head."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)

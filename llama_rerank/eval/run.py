@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import IO, Any, Callable, Collection, Sequence
+from typing import IO, Any, Callable, Collection, Mapping, Sequence
 
 from llama_index.core import VectorStoreIndex
 from llama_index.core.base.embeddings.base import BaseEmbedding
@@ -46,6 +46,7 @@ from llama_rerank.eval import EvalError, systems
 from llama_rerank.eval.datasets import Dataset, load_dataset, select_queries
 from llama_rerank.eval.metrics import doc_ranking
 from llama_rerank.postprocessor import LikelihoodRerank, RerankResult
+from llama_rerank.types import RerankEstimate
 
 logger = logging.getLogger(__name__)
 
@@ -145,32 +146,35 @@ class ResultCache:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.results: dict[str, QueryResult] = {}
+        self._file: IO[str] | None = None  # opened by the first put: reading the cache writes nothing
         names = [f.name for f in fields(QueryResult)]
-        torn = False
+        self._torn = False
         if path.exists():
             data = path.read_bytes()
-            torn = bool(data) and not data.endswith(b"\n")
+            self._torn = bool(data) and not data.endswith(b"\n")
             for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
                 try:
                     record = json.loads(line)
                     self.results[record["key"]] = QueryResult(**{k: record[k] for k in names})
                 except (ValueError, KeyError, TypeError):
                     logger.warning("%s:%d: unreadable cache line skipped", path, n)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] = path.open("a", encoding="utf-8")
-        if torn:  # a run was killed mid-line: start the next record on its own line
-            self._file.write("\n")
 
     def get(self, key: str) -> QueryResult | None:
         return self.results.get(key)
 
     def put(self, key: str, result: QueryResult, **labels: str) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+            if self._torn:  # a run was killed mid-line: start the next record on its own line
+                self._file.write("\n")
         self.results[key] = result
         self._file.write(json.dumps({"key": key, **labels, **asdict(result)}, ensure_ascii=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 # -- the run --------------------------------------------------------------------------------------------------
@@ -252,7 +256,22 @@ def portable(path: str | Path) -> str:
         return resolved.name
 
 
-def evaluate(
+@dataclass
+class _Plan:
+    """What ``evaluate`` and ``estimate`` share: the dataset, the queries, each system's reranker, every query's
+    first-stage candidates (and the time they took), and each system's result-cache key per query."""
+
+    dataset: Dataset
+    config: dict[str, Any]
+    query_ids: list[str]
+    llm: LLM | None
+    rerankers: dict[str, BaseNodePostprocessor | None]
+    retrieved: dict[str, tuple[list[NodeWithScore], float]]
+    keys: dict[str, dict[str, str]]
+    cache: ResultCache
+
+
+def _plan(
     path: str | Path,
     system_specs: Sequence[str],
     *,
@@ -269,8 +288,9 @@ def evaluate(
     embed_model: BaseEmbedding | None = None,
     llm: LLM | None = None,
     progress: bool = True,
-) -> EvalRun:
-    """Evaluate ``system_specs`` on the dataset at ``path``; ``llm`` overrides ``make_llm(llm_spec)``."""
+    serve: bool = True,
+) -> _Plan:
+    """Load the dataset, index it (or reuse its index), build the systems and retrieve every query's candidates."""
     if top_k < 1 or top_n < 1:
         raise EvalError(f"--top-k and --top-n must be at least 1, got {top_k} and {top_n}")
     for spec in system_specs:
@@ -284,7 +304,7 @@ def evaluate(
     cache_dir = Path(cache) if cache else (pipeline.DATA_DIR / "eval-cache" if remote else Path(location) / "eval-cache")
     index = build_index(dataset, location, embed_model, progress)
     if llm is None and any(systems.needs_llm(s) for s in system_specs):
-        llm = pipeline.make_llm(llm_spec)
+        llm = pipeline.make_llm(llm_spec, serve=serve)
     defaults = pipeline.reranker_defaults(llm_spec)
     rerankers = {spec: systems.build(spec, llm, top_k, defaults) for spec in system_specs}
     llm_name = f"{llm_spec}|{llm.metadata.model_name}" if llm is not None else ""
@@ -296,39 +316,76 @@ def evaluate(
         "llm_model": llm.metadata.model_name if llm is not None else None, "embed_model": embed_model.model_name,
         "chunk_size": CHUNK_SIZE, "chunk_overlap": CHUNK_OVERLAP, "corpus_fingerprint": fp,
     }  # fmt: skip
-    results: dict[str, dict[str, QueryResult]] = {spec: {} for spec in system_specs}
     retriever = index.as_retriever(similarity_top_k=top_k)
+    embed_model.get_query_embedding("warm up")  # load the model before the first timed retrieval
+    retrieved: dict[str, tuple[list[NodeWithScore], float]] = {}
+    for query_id in tqdm(query_ids, desc=f"retrieve {dataset.name}", unit="query", disable=not progress):
+        started = time.perf_counter()
+        candidates = retriever.retrieve(dataset.queries[query_id])
+        retrieved[query_id] = (candidates, time.perf_counter() - started)
+    keys = {
+        spec: {
+            query_id: cache_key(systems.effective(spec, defaults), llm_name if reranker is not None else "",
+                                dataset.queries[query_id], [n.node.node_id for n in retrieved[query_id][0]])
+            for query_id in query_ids
+        }
+        for spec, reranker in rerankers.items()
+    }  # fmt: skip
+    return _Plan(dataset, config, query_ids, llm, rerankers, retrieved, keys, ResultCache(cache_dir / CACHE_FILE))
+
+
+def evaluate(path: str | Path, system_specs: Sequence[str], **options: Any) -> EvalRun:
+    """Evaluate ``system_specs`` on the dataset at ``path``; ``llm`` overrides ``make_llm(llm_spec)``.
+
+    Options: ``top_k`` (20), ``top_n`` (10), ``split``, ``queries_split``, ``limit_queries``, ``seed``,
+    ``exclude_queries``, ``llm_spec`` ("local"), ``store``, ``cache``, ``embed_model``, ``llm``, ``progress``.
+    """
+    plan = _plan(path, system_specs, **options)
+    queries, cached, llm = plan.dataset.queries, plan.cache, plan.llm
+    progress = options.get("progress", True)
+    results: dict[str, dict[str, QueryResult]] = {spec: {} for spec in system_specs}
     counter = TokenCountingHandler() if llm is not None else None
     if llm is not None:
         llm.callback_manager.add_handler(counter)
-    cached = ResultCache(cache_dir / CACHE_FILE)
-    embed_model.get_query_embedding("warm up")  # load the model before the first timed retrieval
     try:
-        retrieved: dict[str, tuple[list[NodeWithScore], float]] = {}
-        for query_id in tqdm(query_ids, desc=f"retrieve {dataset.name}", unit="query", disable=not progress):
-            started = time.perf_counter()
-            candidates = retriever.retrieve(dataset.queries[query_id])
-            retrieved[query_id] = (candidates, time.perf_counter() - started)
-        for spec, reranker in rerankers.items():
-            keys = {
-                query_id: cache_key(systems.effective(spec, defaults), llm_name if reranker is not None else "",
-                                    dataset.queries[query_id], [n.node.node_id for n in retrieved[query_id][0]])
-                for query_id in query_ids
-            }  # fmt: skip
-            todo = [query_id for query_id in query_ids if cached.get(keys[query_id]) is None]
+        for spec, reranker in plan.rerankers.items():
+            keys = plan.keys[spec]
+            todo = [query_id for query_id in plan.query_ids if cached.get(keys[query_id]) is None]
 
             def save(query_id: str, result: QueryResult) -> None:
-                result.latency_s += retrieved[query_id][1]
+                result.latency_s += plan.retrieved[query_id][1]
                 cached.put(keys[query_id], result, system=spec, query_id=query_id)
 
             if isinstance(reranker, LikelihoodRerank):
-                rerank_batch(reranker, todo, dataset.queries, retrieved, save, progress)
+                rerank_batch(reranker, todo, queries, plan.retrieved, save, progress)
             else:
                 for query_id in tqdm(todo, desc=spec, unit="query", disable=not progress):
-                    save(query_id, rerank_query(reranker, dataset.queries[query_id], retrieved[query_id][0], counter))
-            results[spec] = {query_id: cached.get(keys[query_id]) for query_id in query_ids}
+                    save(query_id, rerank_query(reranker, queries[query_id], plan.retrieved[query_id][0], counter))
+            results[spec] = {query_id: cached.get(keys[query_id]) for query_id in plan.query_ids}
     finally:
         cached.close()
         if llm is not None:
             llm.callback_manager.remove_handler(counter)
-    return EvalRun(dataset, config, results)
+    return EvalRun(plan.dataset, plan.config, results)
+
+
+def estimate(
+    path: str | Path, system_specs: Sequence[str], prices: Mapping[str, float] | None = None, **options: Any
+) -> dict[str, tuple[int, RerankEstimate | None]]:
+    """What ``evaluate`` with the same arguments would send to the LLM, without calling it (nor, for
+    ``llm_spec="local"``, starting the bundled model): per system, the queries not yet in the result cache and
+    ``LikelihoodRerank.estimate`` summed over them (``None`` for systems it cannot foresee: LLMRerank, RankGPT;
+    a zero estimate for the first stage). The corpus is indexed and the queries retrieved, as ``evaluate`` does.
+    """
+    plan = _plan(path, system_specs, serve=False, **options)
+    out: dict[str, tuple[int, RerankEstimate | None]] = {}
+    for spec, reranker in plan.rerankers.items():
+        todo = [q for q in plan.query_ids if plan.cache.get(plan.keys[spec][q]) is None]
+        total: RerankEstimate | None = RerankEstimate(cost=0.0 if prices is not None else None)
+        if isinstance(reranker, LikelihoodRerank):
+            for query_id in todo:
+                total.add(reranker.estimate(plan.dataset.queries[query_id], plan.retrieved[query_id][0], prices))
+        elif reranker is not None:
+            total = None
+        out[spec] = (len(todo), total)
+    return out

@@ -180,11 +180,12 @@ def shutdown() -> None:
 
 
 def local_llm(**overrides: Any) -> OpenAILike:
-    """An OpenAILike LLM talking to the process-wide local server; ``overrides`` win."""
+    """An OpenAILike LLM talking to the process-wide local server (started if need be); ``overrides`` win, and
+    with an ``api_base`` among them no server is started."""
     OpenAILike = require("llama_index.llms.openai_like", "local").OpenAILike
     settings: dict[str, Any] = {
         "model": MODEL_NAME,
-        "api_base": get_server().address + "/v1",
+        "api_base": overrides["api_base"] if "api_base" in overrides else get_server().address + "/v1",
         "api_key": "not-needed",
         "is_chat_model": True,
         "context_window": N_CTX,
