@@ -250,3 +250,43 @@ class SimulatedLLM(CustomLLM):
 
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
         raise NotImplementedError("the simulated LLM does not stream")
+
+
+class RateLimited(Exception):
+    """What a provider's 429 looks like to the reranker: the status and the ``Retry-After`` it asked for."""
+
+    status_code = 429
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"429 Too Many Requests: more than the allowed calls in flight; retry after {retry_after:g} s")
+        self.retry_after = retry_after
+
+
+class RateLimitedLLM(SimulatedLLM):
+    """The simulated LLM behind a provider that serves at most ``limit`` calls at once and answers any call over
+    that at once with a 429 (``Retry-After: retry_after`` seconds); ``rejected`` counts the 429s (sync calls only)."""
+
+    _limit: int = PrivateAttr()
+    _retry_after: float = PrivateAttr()
+    _serving: int = PrivateAttr(default=0)
+    _rejected: int = PrivateAttr(default=0)
+
+    def __init__(self, latency: Latency, limit: int, retry_after: float, **kwargs: Any) -> None:
+        super().__init__(latency, **kwargs)
+        self._limit, self._retry_after = limit, retry_after
+
+    @property
+    def rejected(self) -> int:
+        return self._rejected
+
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        with self._lock:
+            if self._serving >= self._limit:
+                self._rejected += 1
+                raise RateLimited(self._retry_after)
+            self._serving += 1
+        try:
+            return super().chat(messages, **kwargs)
+        finally:
+            with self._lock:
+                self._serving -= 1
