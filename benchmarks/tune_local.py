@@ -5,7 +5,9 @@ label and retrieval rank/score are cached in JSONL (a rerun resumes). Fusion wei
 label-vs-logprob scoring are then swept offline through the library's own ``scoring.fuse`` and ``order``, so the
 numbers are exactly what ``LikelihoodRerank(retrieval_weight=w, ...)`` would produce. ``--reverse`` also judges
 each configuration with the candidates in reversed order and adds the rows of ``reverse_pass=True`` (the two passes
-averaged by the library's ``scoring.average_passes``); ``--prompt FILE`` swaps in another user message template.
+averaged by the library's ``scoring.average_passes``); ``--prompt FILE`` swaps in another user message template
+(``benchmarks/prompts/``; the judgements are cached under the user message's text, so a change of the default prompt
+starts new ones).
 ``--cached-only`` judges nothing new and compares the configurations on the queries every one of them has cached
 (for runs cut short).
 
@@ -30,7 +32,7 @@ from llama_rerank.eval.metrics import NDCG, doc_ranking, paired_tests, per_query
 from llama_rerank.eval.run import build_index, fingerprint
 from llama_rerank.eval.systems import parse_spec
 from llama_rerank.pipeline import DATA_DIR, default_embedding, make_llm
-from llama_rerank.prompts import SYSTEM_PROMPT
+from llama_rerank.prompts import SYSTEM_PROMPT, USER_PROMPT
 from llama_rerank.scoring import average_passes, fuse, order
 from llama_rerank.types import Candidate, Judgement
 
@@ -40,8 +42,8 @@ WEIGHTS = [round(0.1 * i, 1) for i in range(11)]
 
 
 def judge_all(
-    config: dict, query_ids: list[str], dataset, retriever, llm, cache: Path, reverse: bool, prompt: str | None,
-    cached_only: bool = False,
+    config: dict, query_ids: list[str], dataset, retriever, llm, cache: Path, reverse: bool, prompt: str,
+    own_prompt: bool, cached_only: bool = False,
 ) -> dict[str, list[dict]]:
     """Per query, the candidates in retrieval order with the LLM's score and label (cached by query and config).
 
@@ -57,10 +59,9 @@ def judge_all(
             except (ValueError, KeyError):
                 continue
     reranker = LikelihoodRerank(llm=llm, top_n=retriever.similarity_top_k, **config)
-    if prompt is not None:
-        reranker.update_prompts({"rerank_prompt": ChatPromptTemplate.from_messages([("system", SYSTEM_PROMPT), ("user", prompt)])})
+    reranker.update_prompts({"rerank_prompt": ChatPromptTemplate.from_messages([("system", SYSTEM_PROMPT), ("user", prompt)])})
     with cache.open("a") as out:
-        label = json.dumps(config) + (" reversed" if reverse else "") + (" own prompt" if prompt else "")
+        label = json.dumps(config) + (" reversed" if reverse else "") + (" own prompt" if own_prompt else "")
         for query_id in tqdm([q for q in query_ids if q not in done and not cached_only], desc=label, unit="query"):
             nodes = retriever.retrieve(dataset.queries[query_id])
             result = reranker.rerank(dataset.queries[query_id], nodes[::-1] if reverse else nodes)
@@ -117,16 +118,16 @@ def main() -> None:
     fp = fingerprint(dataset, embed)
     retriever = build_index(dataset, DATA_DIR / "eval" / f"{dataset.name}-{fp[:12]}", embed).as_retriever(similarity_top_k=args.top_k)
     llm = make_llm("local")
-    prompt = args.prompt.read_text() if args.prompt else None
+    prompt = args.prompt.read_text().rstrip("\n") if args.prompt else USER_PROMPT
     runs = []
     for config_text in args.config or ["window_size=10"]:
         config = json.loads(config_text) if config_text.startswith("{") else parse_spec("likelihood:" + config_text)[1]
         passes = []
         for reverse in (False, True)[: 1 + args.reverse]:
-            key = [config, args.top_k, fp] + (["reversed"] if reverse else []) + ([prompt] if prompt else [])
+            key = [config, args.top_k, fp] + (["reversed"] if reverse else []) + [prompt]
             cache = Path(args.out) / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]}.jsonl"
             cache.parent.mkdir(parents=True, exist_ok=True)
-            passes.append(judge_all(config, query_ids, dataset, retriever, llm, cache, reverse, prompt, args.cached_only))
+            passes.append(judge_all(config, query_ids, dataset, retriever, llm, cache, reverse, prompt, args.prompt is not None, args.cached_only))
         runs.append((config_text, config, passes))
     if args.cached_only:
         query_ids = [q for q in query_ids if all(q in judged for _, _, passes in runs for judged in passes)]
@@ -141,7 +142,7 @@ def main() -> None:
         print(config_text, separation(passes, query_ids, dataset.qrels))
         print(config_text, costs(passes[0], query_ids))
         for n_passes in range(1, len(passes) + 1):
-            name = config_text + (f" +{args.prompt.name}" if prompt else "") + (" +reverse_pass" if n_passes == 2 else "")
+            name = config_text + (f" +{args.prompt.name}" if args.prompt else "") + (" +reverse_pass" if n_passes == 2 else "")
             wall = sum(statistics.mean(c[0]["wall_s"] for c in judged.values()) for judged in passes[:n_passes])
             sweep(name, passes[:n_passes], scale, query_ids, dataset, base_ndcg, wall)
 
