@@ -12,6 +12,7 @@ import platform
 import re
 import statistics
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -60,6 +61,41 @@ def machine_header(title: str) -> str:
         f"load average: {load} (1/5/15 min at start; the machine may be shared)",
     ]
     return "\n".join(lines)
+
+
+# -- the machine's other load ----------------------------------------------------------------------------------
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine from /proc/stat."""
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def _proc_ticks(pid: int) -> int:
+    parts = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(parts[11]) + int(parts[12]) + int(parts[13]) + int(parts[14])  # utime stime cutime cstime
+
+
+class OtherLoad:
+    """Cores' worth of CPU used by processes other than this one and the LLM server during a run."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.pids = [os.getpid()] + ([server_pid] if server_pid else [])
+        self.hz = os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> "OtherLoad":
+        self.start = (_cpu_ticks(), [_proc_ticks(p) for p in self.pids], time.perf_counter())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        (busy0, _), own0, t0 = self.start
+        busy1, _ = _cpu_ticks()
+        own1 = [_proc_ticks(p) for p in self.pids]
+        others = (busy1 - busy0) - sum(b - a for a, b in zip(own0, own1))
+        self.cores = max(0.0, others / self.hz / (time.perf_counter() - t0))
+
 
 
 # -- passages of real text ----------------------------------------------------------------------------------------

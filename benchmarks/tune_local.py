@@ -9,7 +9,9 @@ averaged by the library's ``scoring.average_passes``); ``--prompt FILE`` swaps i
 (``benchmarks/prompts/``; the judgements are cached under the user message's text, so a change of the default prompt
 starts new ones).
 ``--cached-only`` judges nothing new and compares the configurations on the queries every one of them has cached
-(for runs cut short).
+(for runs cut short). ``--mix`` (two configurations that differ in their windows, e.g. window_size=10 and 5) adds
+what a per-candidate judgement cache would serve: each query's candidates scored half by one run and half by the
+other (alternating, both ways round), so a label given among other window mates is reused.
 
     python benchmarks/tune_local.py --limit-queries 30 --top-k 10 \
         --config window_size=10,max_passage_tokens=128 --config window_size=1,max_passage_tokens=128
@@ -109,6 +111,7 @@ def main() -> None:
     parser.add_argument("--reverse", action="store_true", help="also judge in reversed order and sweep reverse_pass")
     parser.add_argument("--cached-only", action="store_true",
                         help="judge nothing new: compare the configurations on the queries every one has in its cache")
+    parser.add_argument("--mix", action="store_true", help="with two configurations: also sweep their per-candidate mix")
     parser.add_argument("--out", default=str(DATA_DIR / "tuning"))
     args = parser.parse_args()
 
@@ -117,7 +120,7 @@ def main() -> None:
     embed = default_embedding()
     fp = fingerprint(dataset, embed)
     retriever = build_index(dataset, DATA_DIR / "eval" / f"{dataset.name}-{fp[:12]}", embed).as_retriever(similarity_top_k=args.top_k)
-    llm = make_llm("local")
+    llm = make_llm("local", serve=not args.cached_only)  # judging nothing new needs no server
     prompt = args.prompt.read_text().rstrip("\n") if args.prompt else USER_PROMPT
     runs = []
     for config_text in args.config or ["window_size=10"]:
@@ -136,6 +139,8 @@ def main() -> None:
     base_ndcg = [base[q][NDCG] for q in query_ids]
     print(f"{len(query_ids)} {args.queries_split} queries, top-k {args.top_k}; first stage nDCG@10 {statistics.mean(base_ndcg):.4f}")
     print(f"{'config':<44} {'scoring':<12} {'signal':<6} {'w':>4} {'nDCG@10':>8} {'delta':>7} {'p(t)':>6} {'s/query':>8}")
+    if args.mix:
+        runs += mixes(runs, query_ids)
     for config_text, config, passes in runs:
         passes = [{q: judged[q] for q in query_ids} for judged in passes]
         scale = LikelihoodRerank(llm=llm, **config).scale
@@ -145,6 +150,20 @@ def main() -> None:
             name = config_text + (f" +{args.prompt.name}" if args.prompt else "") + (" +reverse_pass" if n_passes == 2 else "")
             wall = sum(statistics.mean(c[0]["wall_s"] for c in judged.values()) for judged in passes[:n_passes])
             sweep(name, passes[:n_passes], scale, query_ids, dataset, base_ndcg, wall)
+
+
+def mixes(runs: list, query_ids: list[str]) -> list:
+    """The two per-candidate mixes of two runs' first passes: even positions from one run, odd from the other."""
+    if len(runs) != 2:
+        raise SystemExit("--mix needs exactly two --config")
+    (_, config, (a, *_)), (_, _, (b, *_)) = runs
+    for q in query_ids:
+        assert [c["doc"] for c in a[q]] == [c["doc"] for c in b[q]], f"query {q}: the runs judged other candidates"
+    return [
+        (f"mix ({'1st' if first == a else '2nd'} config at even ranks)", config,
+         [{q: [(first if i % 2 == 0 else second)[q][i] for i in range(len(a[q]))] for q in query_ids}])
+        for first, second in ((a, b), (b, a))
+    ]  # fmt: skip
 
 
 def separation(passes: list[dict], query_ids: list[str], qrels) -> str:
