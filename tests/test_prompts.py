@@ -1,4 +1,6 @@
-"""The passage fence: a passage's text can never open or close a fence, however it spells the tag."""
+"""The passage fence: a passage's text can never open or close a fence, however it spells the tag; the prompt's layout."""
+
+import os
 
 import pytest
 
@@ -32,3 +34,17 @@ def test_answer_schema_has_one_enum_property_per_id():
     schema = answer_schema(3, LabelScale.from_mapping(DEFAULT_SCALE))
     assert schema["required"] == ["1", "2", "3"] and schema["additionalProperties"] is False
     assert schema["properties"]["2"]["enum"] == ["unlikely", "likely", "very likely"]
+
+
+def test_the_part_every_query_shares_comes_first():
+    """A prompt cache (llama.cpp's) can only reuse a common prefix: the system prompt and the instructions, with the
+    labels, must come before anything that changes with the query or the passages."""
+    from llama_rerank.prompts import DEFAULT_RERANK_PROMPT, prompt_vars, render
+
+    scale = LabelScale.from_mapping({"unlikely": 0.0, "likely": 0.5, "very likely": 1.0})
+    one = render(DEFAULT_RERANK_PROMPT, True, prompt_vars("how do wings lift?", ["a", "b", "c"], scale))
+    two = render(DEFAULT_RERANK_PROMPT, True, prompt_vars("what is drag?", ["d"], scale))
+    assert one[0].content == two[0].content  # the system prompt
+    shared = os.path.commonprefix([one[1].content, two[1].content])
+    assert '"unlikely", "likely", "very likely"' in shared and "[i] label" in shared and "<passage id=" in shared
+    assert shared.rstrip().endswith("Query:")

@@ -132,3 +132,31 @@ def test_bad_model_gives_a_clear_error(tmp_path: Path) -> None:
         local.start()
     assert "broken.gguf" in str(excinfo.value)  # the tail of llama.cpp's log is included
     assert not local.running
+
+
+@pytest.mark.slow
+def test_reranks_keep_their_cached_prefix_across_an_answer() -> None:
+    """Two slots and the fixed part first: the answer step's prompt goes to the other slot, so the next rerank
+    finds the system prompt and instructions still cached (llama.cpp reports them as ``timings.cache_n``)."""
+    import json
+
+    from llama_rerank.labels import LabelScale
+    from llama_rerank.prompts import DEFAULT_RERANK_PROMPT, prompt_vars, render
+
+    address = server.get_server().address
+    scale = LabelScale.from_mapping({"unlikely": 0.0, "likely": 0.5, "very likely": 1.0})
+
+    def cached_tokens(messages: list[dict]) -> int:
+        body = json.dumps({"messages": messages, "max_tokens": 1, "temperature": 0}).encode()
+        request = urllib.request.Request(address + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return json.load(response)["timings"]["cache_n"]
+
+    def rerank(query: str, passages: list[str]) -> list[dict]:
+        messages = render(DEFAULT_RERANK_PROMPT, True, prompt_vars(query, passages, scale))
+        return [{"role": m.role.value, "content": m.content} for m in messages]
+
+    answer = [{"role": "user", "content": "Context: swept wings delay drag rise.\nQuery: why sweep a wing?\nAnswer:"}]
+    cached_tokens(rerank("why sweep a wing?", ["Swept wings delay drag rise.", "Flaps add lift."]))
+    cached_tokens(answer)
+    assert cached_tokens(rerank("what is a flap?", ["Flaps add lift at low speed.", "Jets burn fuel."])) >= 100

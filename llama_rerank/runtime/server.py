@@ -1,5 +1,9 @@
 """The local LLM server: runs llama.cpp (``xllamacpp``) on the bundled GGUF in a child
 process on 127.0.0.1, one per interpreter, and hands out OpenAI-compatible LLM clients.
+It has two slots of ``N_CTX`` tokens each, and llama.cpp's prompt cache keeps each slot's last
+prompt: a request goes to the slot whose prompt shares the most with it, so reranks (which share
+their fixed first part) stay in one slot and the answer step's prompts in the other, and neither
+evicts the other's cached prefix.
 
 The xllamacpp Server cannot be stopped, so it lives in a child process
 (``python -m llama_rerank.runtime.server``). The child reports its address on stdout and
@@ -34,7 +38,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-N_CTX = 4096
+N_CTX = 4096  # per slot
+SLOTS = 2  # one for reranking, one for answering
 DEFAULT_THREADS = 2
 THREADS_ENV = "LLAMA_RERANK_THREADS"
 START_TIMEOUT = 180.0
@@ -52,11 +57,13 @@ class LocalServer:
         model: str | Path | None = None,
         *,
         n_ctx: int = N_CTX,
+        slots: int = SLOTS,
         threads: int | None = None,
         start_timeout: float = START_TIMEOUT,
     ) -> None:
         self.model = Path(model) if model is not None else None
         self.n_ctx = n_ctx
+        self.slots = slots
         self.threads = threads or int(os.environ.get(THREADS_ENV) or DEFAULT_THREADS)
         self.start_timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
@@ -89,7 +96,7 @@ class LocalServer:
         package_root = str(Path(__file__).resolve().parents[2])  # importable even when not installed
         pythonpath = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
         cmd = [sys.executable, "-m", __name__, "--model", str(model)]
-        cmd += ["--n-ctx", str(self.n_ctx), "--threads", str(self.threads)]
+        cmd += ["--n-ctx", str(self.n_ctx), "--slots", str(self.slots), "--threads", str(self.threads)]
         started = time.monotonic()
         self._log = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(
@@ -128,7 +135,7 @@ class LocalServer:
 
     def __repr__(self) -> str:
         state = f"{self._address}, pid={self.pid}" if self.running else "stopped"
-        return f"LocalServer({state}, model={self.model or MODEL_NAME}, threads={self.threads})"
+        return f"LocalServer({state}, model={self.model or MODEL_NAME}, slots={self.slots}, threads={self.threads})"
 
     def _read_address(self, deadline: float) -> str:
         assert self._proc is not None and self._proc.stdout is not None
@@ -197,7 +204,7 @@ def local_llm(**overrides: Any) -> OpenAILike:
     return OpenAILike(**{**settings, **overrides})
 
 
-def _serve(model: str, n_ctx: int, threads: int) -> None:
+def _serve(model: str, n_ctx: int, slots: int, threads: int) -> None:
     """Child process body: start llama.cpp, report the address, block until the parent goes."""
     import xllamacpp
 
@@ -206,7 +213,8 @@ def _serve(model: str, n_ctx: int, threads: int) -> None:
     os.dup2(2, 1)  # anything native code prints goes to the log, not the report pipe
     params = xllamacpp.CommonParams()
     params.model.path = model
-    params.n_ctx = n_ctx
+    params.n_parallel = slots
+    params.n_ctx = n_ctx * slots  # split evenly between the slots
     params.cpuparams.n_threads = threads
     params.cpuparams_batch.n_threads = threads
     params.hostnames = ["127.0.0.1"]
@@ -224,10 +232,11 @@ def _serve(model: str, n_ctx: int, threads: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run the llama-rerank local LLM server (used as a child process).")
     parser.add_argument("--model", required=True)
-    parser.add_argument("--n-ctx", type=int, default=N_CTX)
+    parser.add_argument("--n-ctx", type=int, default=N_CTX, help="context tokens per slot")
+    parser.add_argument("--slots", type=int, default=SLOTS)
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     args = parser.parse_args(argv)
-    _serve(args.model, args.n_ctx, args.threads)
+    _serve(args.model, args.n_ctx, args.slots, args.threads)
 
 
 if __name__ == "__main__":
