@@ -99,3 +99,16 @@ def test_check_llm_on_the_bundled_model(capsys):
     assert main(["check-llm", "--llm", "local"]) == 0
     out = capsys.readouterr().out
     assert "3 of 3 passages labelled" in out and "logprobs:        yes" in out and "structured out:  yes" in out
+
+
+def test_the_estimate_is_within_a_few_percent_of_the_bundled_models_usage(demo_index):
+    """estimate() counts with LlamaIndex's tokenizer; the server reports its own (Qwen's) counts."""
+    from llama_rerank.pipeline import reranker_defaults
+
+    reranker = LikelihoodRerank(llm=make_llm("local"), top_n=5, **reranker_defaults("local"))
+    nodes = demo_index.as_retriever(similarity_top_k=5).retrieve("How hot should milk be steamed?")
+    estimate = reranker.estimate("How hot should milk be steamed?", nodes)
+    usage = reranker.rerank("How hot should milk be steamed?", nodes).usage
+    assert estimate.llm_calls == usage.llm_calls == 1
+    assert abs(estimate.prompt_tokens - usage.prompt_tokens) <= 0.05 * usage.prompt_tokens
+    assert abs(estimate.completion_tokens - usage.completion_tokens) <= 0.25 * usage.completion_tokens
