@@ -46,19 +46,20 @@ from llama_rerank.runtime.server import SLOTS, LocalServer  # noqa: E402
 BEFORE_PROMPT = Path(__file__).with_name("prompts") / "instructions-last.txt"
 
 
-class CacheCounter(BaseEventHandler):
-    """Prompt tokens llama.cpp processed and served from its cache, per chat call (its reply's ``timings``)."""
+CALLS: list[tuple[int, int]] = []  # (prompt tokens processed, prompt tokens from the cache) per rerank call
 
-    calls: list = []
+
+class CacheCounter(BaseEventHandler):
+    """Records into ``CALLS`` what llama.cpp's reply to a rerank prompt says in its ``timings``."""
 
     @classmethod
     def class_name(cls) -> str:
         return "CacheCounter"
 
     def handle(self, event, **kwargs) -> None:
-        if isinstance(event, LLMChatEndEvent) and event.response is not None:
+        if isinstance(event, LLMChatEndEvent) and event.response is not None and event.messages[0].content == SYSTEM_PROMPT:
             timings = (getattr(event.response.raw, "model_extra", None) or {}).get("timings") or {}
-            self.calls.append((timings.get("prompt_n", 0), timings.get("cache_n", 0)))
+            CALLS.append((timings.get("prompt_n", 0), timings.get("cache_n", 0)))
 
 
 def setup_reranker(llm, before: bool) -> LikelihoodRerank:
@@ -82,14 +83,13 @@ def main() -> None:
     cranfield = [dataset.queries[q] for q in select_queries(dataset, "tune", 30, 0)[: args.cranfield]]
     candidates = {q: index.as_retriever(similarity_top_k=10).retrieve(q) for q in cranfield}
     folder, demo_queries = demo_corpus()
-    demo_store = tempfile.mkdtemp(prefix="demo-store-")
-    store.ingest(folder, demo_store, embed)
-    demo_index = store.load_index(demo_store, embed)
+    demo_store = tempfile.TemporaryDirectory(prefix="demo-store-")
+    store.ingest(folder, demo_store.name, embed, progress=False)
+    demo_index = store.load_index(demo_store.name, embed)
     demo = [q["query"] for q in demo_queries[: args.demo]]
     print(f"workload    : {len(cranfield)} Cranfield tune queries (K=10, rerank only), then {len(demo)} demo queries "
           "(K=10, rerank and answer from the top 3), per setup")
-    counter = CacheCounter()
-    get_dispatcher().add_event_handler(counter)
+    get_dispatcher().add_event_handler(CacheCounter())
     rows = []
     for name, before, slots in (("before: instructions last, 1 slot", True, 1), ("instructions first, 1 slot", False, 1),
                                 (f"after: instructions first, {SLOTS} slots", False, SLOTS)):  # fmt: skip
@@ -102,12 +102,11 @@ def main() -> None:
                 ("Cranfield", cranfield, lambda q: reranker.rerank(q, candidates[q]).usage.wall_time_s),
                 ("demo", demo, lambda q: run_query(demo_index, reranker, q, top_k=10, top_n=3).timings["rerank"]),
             ):
-                CacheCounter.calls = []
+                CALLS.clear()
                 with OtherLoad(server.pid) as other:
                     times = [run(q) for q in queries]
-                reranks = [c for c in CacheCounter.calls if c[0] + c[1] > 500]  # the answer step's prompts are shorter
-                prompt = statistics.mean(p + c for p, c in reranks)
-                cached = statistics.mean(c for _, c in reranks)
+                prompt = statistics.mean(p + c for p, c in CALLS)
+                cached = statistics.mean(c for _, c in CALLS)
                 rows.append([name, label, f"{statistics.mean(times):.1f} s", f"{statistics.median(times):.1f} s",
                              f"{prompt:.0f}", f"{cached:.0f}", f"{other.cores:.2f}"])  # fmt: skip
                 print(" | ".join(rows[-1]), flush=True)
