@@ -429,3 +429,16 @@ def test_eval_dry_run_counts_what_is_left_and_sends_nothing(beir_dir, tmp_path, 
     assert cli.main(argv + ["--dry-run"]) == 0  # everything is in the result cache now
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:5]}
     assert rows["likelihood:window_size=2"][:2] == ["0", "0"]
+
+
+def test_a_changed_prompt_is_a_new_result(beir_dir, tmp_path, embed):
+    """The result cache keys on the system's prompts: a run with another prompt is not served the old results."""
+    from llama_index.core.prompts import ChatPromptTemplate
+
+    from llama_rerank.eval.run import cache_key
+
+    one, two = (LikelihoodRerank(llm=ScriptedLLM(answer)) for _ in range(2))
+    assert cache_key("likelihood", "m", "q", ["a"], one) == cache_key("likelihood", "m", "q", ["a"], two)
+    two.update_prompts({"rerank_prompt": ChatPromptTemplate.from_messages([("user", "{query} {num} {labels} {passages}")])})
+    assert cache_key("likelihood", "m", "q", ["a"], one) != cache_key("likelihood", "m", "q", ["a"], two)
+    assert cache_key("first-stage", "", "q", ["a"]) == cache_key("first-stage", "", "q", ["a"], None)

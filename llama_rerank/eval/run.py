@@ -15,7 +15,7 @@ LlamaIndex ``TokenCountingHandler`` on the LLM's callback manager (both take tok
 when it reports one). Latency is the first-stage retrieval plus the system's reranking, per query; for a batch,
 while other queries overlap it.
 
-**Resume.** Each (system config, LLM, query, candidate ids) result is appended to ``results.jsonl`` in the cache
+**Resume.** Each (system config, LLM, query, candidate ids, system prompts) result is appended to ``results.jsonl`` in the cache
 folder and flushed as soon as it is ready, so an interrupted run loses at most the queries in progress and a rerun sends only what
 is missing to the LLM. Unreadable lines (a torn last line) are skipped.
 """
@@ -135,8 +135,14 @@ def build_index(dataset: Dataset, location: str | Path, embed_model: BaseEmbeddi
 # -- the cache ------------------------------------------------------------------------------------------------
 
 
-def cache_key(system: str, llm_name: str, query: str, candidate_ids: Sequence[str]) -> str:
-    data = json.dumps([system, llm_name, query, list(candidate_ids)], ensure_ascii=False)
+def cache_key(
+    system: str, llm_name: str, query: str, candidate_ids: Sequence[str], reranker: BaseNodePostprocessor | None = None
+) -> str:
+    """The result's key: the system's effective spec, the LLM, the query, the candidates, and the system's prompts
+    (a changed default prompt is a new result)."""
+    own = getattr(reranker, "get_prompts", None)  # LLMRerank has none of its own to swap
+    prompts = {k: v.get_template() for k, v in own().items()} if own is not None else {}
+    data = json.dumps([system, llm_name, query, list(candidate_ids), prompts], ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(data.encode()).hexdigest()
 
 
@@ -326,7 +332,7 @@ def _plan(
     keys = {
         spec: {
             query_id: cache_key(systems.effective(spec, defaults), llm_name if reranker is not None else "",
-                                dataset.queries[query_id], [n.node.node_id for n in retrieved[query_id][0]])
+                                dataset.queries[query_id], [n.node.node_id for n in retrieved[query_id][0]], reranker)
             for query_id in query_ids
         }
         for spec, reranker in rerankers.items()
