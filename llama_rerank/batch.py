@@ -38,7 +38,7 @@ def check_batch(
 
 
 def _bar(total: int, progress: Optional[bool]) -> Any:
-    from tqdm.auto import tqdm  # a dependency of llama-index-core
+    from tqdm import tqdm  # a dependency of llama-index-core; tqdm.auto warns in Jupyter without ipywidgets
 
     show = total >= PROGRESS_FROM if progress is None else progress
     return tqdm(total=total, desc="rerank", unit="query", disable=not show)
