@@ -2,7 +2,7 @@
 
 ``StubServer(profile)`` listens on 127.0.0.1 (ephemeral port, background thread, stdlib ``http.server``). It reads
 the reranker's prompt from the last user message (``Query: ...``, passages fenced ``<passage id="i">``, the label
-line ``give exactly one of these labels: "a", "b".``), judges each passage with ``profile.judge(query, passage)``
+line ``... exactly one of these labels: "a", "b".``), judges each passage with ``profile.judge(query, passage)``
 and answers ``[i] label`` lines, or a JSON object when the request asks for a ``json_schema`` response format. It
 enforces what the profile's provider enforces (parameters, ``top_logprobs`` maximum, reasoning budgets) with that
 provider's error bodies, and returns logprobs whose tokens concatenate to the content::
@@ -34,7 +34,7 @@ CERTAIN = -1e-4  # logprob of every token that is not a label's first token
 
 _PASSAGE = re.compile(r'<passage id="(\d+)">\n(.*?)\n</passage>', re.S)
 _QUERY = re.compile(r"^Query: (.*)$", re.M)
-_LABEL_LINE = re.compile(r"give exactly one of these labels: (.*?)\.?$", re.M)
+_LABEL_LINE = re.compile(r"exactly one of these labels: (.*?)\.?$", re.M)
 _TOKEN = re.compile(r"\s*[^\W\d]+|\s*\d+|\s*[^\w\s]+|\s+")
 _AZURE_CHAT = re.compile(r"^/openai/deployments/([^/]+)/chat/completions$")
 
