@@ -435,10 +435,10 @@ def test_a_changed_prompt_is_a_new_result(beir_dir, tmp_path, embed):
     """The result cache keys on the system's prompts: a run with another prompt is not served the old results."""
     from llama_index.core.prompts import ChatPromptTemplate
 
-    from llama_rerank.eval.run import cache_key
+    from llama_rerank.eval.run import cache_key, prompt_texts
 
     one, two = (LikelihoodRerank(llm=ScriptedLLM(answer)) for _ in range(2))
-    assert cache_key("likelihood", "m", "q", ["a"], one) == cache_key("likelihood", "m", "q", ["a"], two)
+    assert cache_key("likelihood", "m", "q", ["a"], prompt_texts(one)) == cache_key("likelihood", "m", "q", ["a"], prompt_texts(two))
     two.update_prompts({"rerank_prompt": ChatPromptTemplate.from_messages([("user", "{query} {num} {labels} {passages}")])})
-    assert cache_key("likelihood", "m", "q", ["a"], one) != cache_key("likelihood", "m", "q", ["a"], two)
-    assert cache_key("first-stage", "", "q", ["a"]) == cache_key("first-stage", "", "q", ["a"], None)
+    assert cache_key("likelihood", "m", "q", ["a"], prompt_texts(one)) != cache_key("likelihood", "m", "q", ["a"], prompt_texts(two))
+    assert cache_key("first-stage", "", "q", ["a"]) == cache_key("first-stage", "", "q", ["a"], prompt_texts(None))

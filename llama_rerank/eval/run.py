@@ -135,14 +135,18 @@ def build_index(dataset: Dataset, location: str | Path, embed_model: BaseEmbeddi
 # -- the cache ------------------------------------------------------------------------------------------------
 
 
+def prompt_texts(reranker: BaseNodePostprocessor | None) -> dict[str, str]:
+    """A system's swappable prompts as text, by key (none for the first stage, nor for LLMRerank, which has none)."""
+    own = getattr(reranker, "get_prompts", None)
+    return {k: v.get_template() for k, v in own().items()} if own is not None else {}
+
+
 def cache_key(
-    system: str, llm_name: str, query: str, candidate_ids: Sequence[str], reranker: BaseNodePostprocessor | None = None
+    system: str, llm_name: str, query: str, candidate_ids: Sequence[str], prompts: Mapping[str, str] | None = None
 ) -> str:
     """The result's key: the system's effective spec, the LLM, the query, the candidates, and the system's prompts
-    (a changed default prompt is a new result)."""
-    own = getattr(reranker, "get_prompts", None)  # LLMRerank has none of its own to swap
-    prompts = {k: v.get_template() for k, v in own().items()} if own is not None else {}
-    data = json.dumps([system, llm_name, query, list(candidate_ids), prompts], ensure_ascii=False, sort_keys=True)
+    (:func:`prompt_texts`; a changed default prompt is a new result)."""
+    data = json.dumps([system, llm_name, query, list(candidate_ids), dict(prompts or {})], ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(data.encode()).hexdigest()
 
 
@@ -276,6 +280,10 @@ class _Plan:
     keys: dict[str, dict[str, str]]
     cache: ResultCache
 
+    def todo(self, spec: str) -> list[str]:
+        """The queries whose result for system ``spec`` is not in the cache yet."""
+        return [query_id for query_id in self.query_ids if self.cache.get(self.keys[spec][query_id]) is None]
+
 
 def _plan(
     path: str | Path,
@@ -329,14 +337,13 @@ def _plan(
         started = time.perf_counter()
         candidates = retriever.retrieve(dataset.queries[query_id])
         retrieved[query_id] = (candidates, time.perf_counter() - started)
-    keys = {
-        spec: {
-            query_id: cache_key(systems.effective(spec, defaults), llm_name if reranker is not None else "",
-                                dataset.queries[query_id], [n.node.node_id for n in retrieved[query_id][0]], reranker)
+    keys: dict[str, dict[str, str]] = {}
+    for spec, reranker in rerankers.items():
+        system, name, prompts = systems.effective(spec, defaults), llm_name if reranker is not None else "", prompt_texts(reranker)
+        keys[spec] = {
+            query_id: cache_key(system, name, dataset.queries[query_id], [n.node.node_id for n in retrieved[query_id][0]], prompts)
             for query_id in query_ids
-        }
-        for spec, reranker in rerankers.items()
-    }  # fmt: skip
+        }  # fmt: skip
     return _Plan(dataset, config, query_ids, llm, rerankers, retrieved, keys, ResultCache(cache_dir / CACHE_FILE))
 
 
@@ -355,8 +362,7 @@ def evaluate(path: str | Path, system_specs: Sequence[str], **options: Any) -> E
         llm.callback_manager.add_handler(counter)
     try:
         for spec, reranker in plan.rerankers.items():
-            keys = plan.keys[spec]
-            todo = [query_id for query_id in plan.query_ids if cached.get(keys[query_id]) is None]
+            keys, todo = plan.keys[spec], plan.todo(spec)
 
             def save(query_id: str, result: QueryResult) -> None:
                 result.latency_s += plan.retrieved[query_id][1]
@@ -386,7 +392,7 @@ def estimate(
     plan = _plan(path, system_specs, serve=False, **options)
     out: dict[str, tuple[int, RerankEstimate | None]] = {}
     for spec, reranker in plan.rerankers.items():
-        todo = [q for q in plan.query_ids if plan.cache.get(plan.keys[spec][q]) is None]
+        todo = plan.todo(spec)
         total: RerankEstimate | None = RerankEstimate(cost=0.0 if prices is not None else None)
         if isinstance(reranker, LikelihoodRerank):
             for query_id in todo:
