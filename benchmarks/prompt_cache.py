@@ -23,7 +23,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -37,8 +36,8 @@ from llama_index.core.prompts import ChatPromptTemplate  # noqa: E402
 
 from llama_rerank import LikelihoodRerank, store  # noqa: E402
 from llama_rerank.eval.datasets import load_dataset, select_queries  # noqa: E402
-from llama_rerank.eval.run import build_index, fingerprint  # noqa: E402
-from llama_rerank.pipeline import DATA_DIR, default_embedding, demo_corpus, reranker_defaults, run_query  # noqa: E402
+from llama_rerank.eval.run import build_index, default_store, fingerprint  # noqa: E402
+from llama_rerank.pipeline import default_embedding, demo_corpus, reranker_defaults, run_query  # noqa: E402
 from llama_rerank.prompts import SYSTEM_PROMPT  # noqa: E402
 from llama_rerank.runtime import local_llm  # noqa: E402
 from llama_rerank.runtime.server import SLOTS, LocalServer  # noqa: E402
@@ -79,7 +78,7 @@ def main() -> None:
     print(machine_header("Prompt layout and llama.cpp's prompt cache: rerank time on the bundled model"))
     embed = default_embedding()
     dataset = load_dataset(CRANFIELD)
-    index = build_index(dataset, DATA_DIR / "eval" / f"{dataset.name}-{fingerprint(dataset, embed)[:12]}", embed, progress=False)
+    index = build_index(dataset, default_store(dataset, fingerprint(dataset, embed)), embed, progress=False)
     cranfield = [dataset.queries[q] for q in select_queries(dataset, "tune", 30, 0)[: args.cranfield]]
     candidates = {q: index.as_retriever(similarity_top_k=10).retrieve(q) for q in cranfield}
     folder, demo_queries = demo_corpus()

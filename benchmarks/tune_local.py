@@ -31,7 +31,7 @@ from tqdm import tqdm
 from llama_rerank import LikelihoodRerank
 from llama_rerank.eval.datasets import load_dataset, select_queries
 from llama_rerank.eval.metrics import NDCG, doc_ranking, paired_tests, per_query
-from llama_rerank.eval.run import build_index, fingerprint
+from llama_rerank.eval.run import build_index, default_store, fingerprint
 from llama_rerank.eval.systems import parse_spec
 from llama_rerank.pipeline import DATA_DIR, default_embedding, make_llm
 from llama_rerank.prompts import SYSTEM_PROMPT, USER_PROMPT
@@ -119,7 +119,7 @@ def main() -> None:
     query_ids = select_queries(dataset, args.queries_split, args.limit_queries, args.seed)
     embed = default_embedding()
     fp = fingerprint(dataset, embed)
-    retriever = build_index(dataset, DATA_DIR / "eval" / f"{dataset.name}-{fp[:12]}", embed).as_retriever(similarity_top_k=args.top_k)
+    retriever = build_index(dataset, default_store(dataset, fp), embed).as_retriever(similarity_top_k=args.top_k)
     llm = make_llm("local", serve=not args.cached_only)  # judging nothing new needs no server
     prompt = args.prompt.read_text().rstrip("\n") if args.prompt else USER_PROMPT
     runs = []

@@ -102,6 +102,11 @@ def fingerprint(dataset: Dataset, embed_model: BaseEmbedding) -> str:
     return digest.hexdigest()
 
 
+def default_store(dataset: Dataset, fp: str) -> Path:
+    """Where a corpus's index lives when no store is given: a folder per corpus and fingerprint in the user data dir."""
+    return pipeline.DATA_DIR / "eval" / f"{dataset.name}-{fp[:12]}"
+
+
 def build_index(dataset: Dataset, location: str | Path, embed_model: BaseEmbedding, progress: bool = True) -> VectorStoreIndex:
     """The corpus index in ``location``: reused when complete, completed when interrupted, refused if foreign."""
     fp = fingerprint(dataset, embed_model)
@@ -313,7 +318,7 @@ def _plan(
     query_ids = select_queries(dataset, queries_split, limit_queries, seed, exclude_queries)
     embed_model = embed_model or pipeline.default_embedding()
     fp = fingerprint(dataset, embed_model)
-    location = str(store or pipeline.DATA_DIR / "eval" / f"{dataset.name}-{fp[:12]}")
+    location = str(store or default_store(dataset, fp))
     remote = location.startswith(("http://", "https://"))
     cache_dir = Path(cache) if cache else (pipeline.DATA_DIR / "eval-cache" if remote else Path(location) / "eval-cache")
     index = build_index(dataset, location, embed_model, progress)
