@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import CRANFIELD, machine_header, make_passages, nodes_for, table  # noqa: E402
+from common import cranfield, machine_header, make_passages, nodes_for, table  # noqa: E402
 from fake_llms import Latency, RateLimitedLLM, SimulatedLLM  # noqa: E402
 
 from llama_rerank import LikelihoodRerank  # noqa: E402
@@ -46,7 +46,7 @@ CANDIDATES, WORDS = 10, 60
 
 def questions(count: int) -> list[str]:
     """The first ``count`` Cranfield questions, in file order."""
-    text = (CRANFIELD / "cran.qry").read_text(encoding="utf-8", errors="replace")
+    text = (cranfield() / "cran.qry").read_text(encoding="utf-8", errors="replace")
     found = [" ".join(q.split("\n.W\n", 1)[1].split()) for q in text.split(".I ")[1:]]
     if count > len(found):
         raise SystemExit(f"--questions: Cranfield has {len(found)} questions")

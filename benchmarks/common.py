@@ -17,9 +17,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterable, Sequence
 
-# The Cranfield collection committed in the repository (data/cranfield), relative to the working directory so
-# that what the scripts print names no machine path.
-CRANFIELD = Path(os.path.relpath(Path(__file__).resolve().parents[1] / "data" / "cranfield"))
+
+
+def cranfield() -> Path:
+    """The Cranfield collection's folder (never in the repository: ``$LLAMA_RERANK_DATA`` or ``../shared/data``),
+    relative to the working directory so that what the scripts print names no machine path."""
+    from llama_rerank.eval import EvalError
+    from llama_rerank.eval.datasets import collection_dir
+
+    try:
+        return Path(os.path.relpath(collection_dir("cranfield")))
+    except EvalError as exc:
+        raise SystemExit(f"this benchmark reads Cranfield: {exc}") from None
 
 
 # -- the machine ------------------------------------------------------------------------------------------------
@@ -102,8 +111,15 @@ class OtherLoad:
 
 
 def text_source() -> tuple[str, list[str]]:
-    """(name, documents): the Cranfield abstracts, one text per document."""
-    path = CRANFIELD / "cran.all.1400"
+    """(name, documents): the Cranfield abstracts, one text per document; without Cranfield (a user's clone), the
+    bundled demo corpus."""
+    try:
+        path = cranfield() / "cran.all.1400"
+    except SystemExit:
+        from llama_rerank.pipeline import demo_corpus
+
+        docs, _ = demo_corpus()
+        return "the bundled demo corpus (Cranfield not found)", [p.read_text(encoding="utf-8") for p in sorted(docs.iterdir())]
     texts = []
     for record in re.split(r"^\.I \d+\s*$", path.read_text(encoding="utf-8", errors="replace"), flags=re.M)[1:]:
         body = record.split("\n.W\n", 1)[1] if "\n.W\n" in record else ""

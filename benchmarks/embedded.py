@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import CRANFIELD, OtherLoad, machine_header, nodes_for, table  # noqa: E402
+from common import cranfield, OtherLoad, machine_header, nodes_for, table  # noqa: E402
 
 from llama_index.core.bridge.pydantic import PrivateAttr  # noqa: E402
 from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
@@ -55,15 +55,15 @@ class Cranfield:
     """
 
     def __init__(self, min_words: int) -> None:
-        parts = re.split(r"^\.I (\d+)\s*$", (CRANFIELD / "cran.all.1400").read_text(errors="replace"), flags=re.M)
+        parts = re.split(r"^\.I (\d+)\s*$", (cranfield() / "cran.all.1400").read_text(errors="replace"), flags=re.M)
         self.docs = {}
         for doc_id, body in zip(parts[1::2], parts[2::2]):
             text = body.split("\n.W\n", 1)[1] if "\n.W\n" in body else ""
             self.docs[int(doc_id)] = " ".join(text.split())
-        queries = re.split(r"^\.I \d+\s*$", (CRANFIELD / "cran.qry").read_text(errors="replace"), flags=re.M)[1:]
+        queries = re.split(r"^\.I \d+\s*$", (cranfield() / "cran.qry").read_text(errors="replace"), flags=re.M)[1:]
         self.queries = [" ".join(q.split("\n.W\n", 1)[1].split()).rstrip(" .") for q in queries]
         self.relevant: dict[int, list[int]] = {}
-        for line in (CRANFIELD / "cranqrel").read_text().splitlines():
+        for line in (cranfield() / "cranqrel").read_text().splitlines():
             f = line.split()
             if len(f) == 3 and int(f[2]) in (1, 2, 3, 4):  # codes 1-4 relevant, -1 judged not relevant
                 self.relevant.setdefault(int(f[0]), []).append(int(f[1]))
@@ -166,7 +166,7 @@ def main() -> None:
 
     cranfield = Cranfield(min_words=max(w for _, w, _ in RUNS))
     pick = lambda run, k: cranfield.candidates(run + 1, k)  # noqa: E731 - query 1 for the warm-up, 2.. for runs
-    print(f"candidates  : Cranfield ({CRANFIELD}): run i uses query i+1 (query 1: warm-up) and abstracts")
+    print(f"candidates  : Cranfield ({cranfield()}): run i uses query i+1 (query 1: warm-up) and abstracts")
     print("              of >= 150 words no other run uses (up to K/3 judged relevant, the rest random), cut to")
     print("              the run's word count")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import CRANFIELD, OtherLoad, machine_header, table  # noqa: E402
+from common import cranfield, OtherLoad, machine_header, table  # noqa: E402
 
 from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler  # noqa: E402
@@ -77,7 +77,7 @@ def main() -> None:
 
     print(machine_header("Prompt layout and llama.cpp's prompt cache: rerank time on the bundled model"))
     embed = default_embedding()
-    dataset = load_dataset(CRANFIELD)
+    dataset = load_dataset(cranfield())
     index = build_index(dataset, default_store(dataset, fingerprint(dataset, embed)), embed, progress=False)
     cranfield = [dataset.queries[q] for q in select_queries(dataset, "tune", 30, 0)[: args.cranfield]]
     candidates = {q: index.as_retriever(similarity_top_k=10).retrieve(q) for q in cranfield}

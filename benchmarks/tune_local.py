@@ -38,9 +38,9 @@ from llama_rerank.prompts import SYSTEM_PROMPT, USER_PROMPT
 from llama_rerank.scoring import average_passes, fuse, order
 from llama_rerank.types import Candidate, Judgement
 
-from common import CRANFIELD  # benchmarks/common.py (scripts run as python benchmarks/NAME.py)
 
 WEIGHTS = [round(0.1 * i, 1) for i in range(11)]
+ADAPT = (0.2, 0.4, 0.6)  # spreads of the LLM scores at and above which a query's judge gets its full weight
 
 
 def judge_all(
@@ -80,8 +80,15 @@ def judge_all(
     return done
 
 
-def ranking(passes: list[list[dict]], scale, scoring: str, weight: float, signal: str, norm: bool) -> list[str]:
-    """The document ranking ``LikelihoodRerank`` returns with these settings, from one or two cached passes."""
+def ranking(
+    passes: list[list[dict]], scale, scoring: str, weight: float, signal: str, norm: bool, adapt: float | None = None
+) -> list[str]:
+    """The document ranking ``LikelihoodRerank`` returns with these settings, from one or two cached passes.
+
+    ``adapt`` (measured here, not in the library): the query's own weight grows toward 1 (the first stage) as the
+    spread of its LLM scores (highest minus lowest) falls below ``adapt``: ``1 - (1 - weight) * min(1, spread /
+    adapt)``, so a judge that tells the candidates apart moves the order and one that says the same of all does not.
+    """
     candidates = passes[0]
     cands = [Candidate(i, "", 0, c["retrieval_score"]) for i, c in enumerate(candidates)]
 
@@ -94,13 +101,16 @@ def ranking(passes: list[list[dict]], scale, scoring: str, weight: float, signal
     judged = judgements(passes[0])
     if len(passes) == 2:
         judged = average_passes(judged, judgements(passes[1]))
+    if adapt:
+        spread = max(j.score for j in judged.values()) - min(j.score for j in judged.values())
+        weight = 1 - (1 - weight) * min(1.0, spread / adapt)
     final = fuse(cands, judged, weight, signal, normalize=norm)
     return doc_ranking([candidates[c.index]["doc"] for c in order(cands, judged, final, None)])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--path", default=str(CRANFIELD), help="the dataset folder (default: %(default)s)")
+    parser.add_argument("--path", default="cranfield", help="the dataset folder, or a collection name in $LLAMA_RERANK_DATA (default: %(default)s)")
     parser.add_argument("--queries-split", default="tune")
     parser.add_argument("--limit-queries", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
@@ -113,6 +123,12 @@ def main() -> None:
                         help="judge nothing new: compare the configurations on the queries every one has in its cache")
     parser.add_argument("--mix", action="store_true", help="with two configurations: also sweep their per-candidate mix")
     parser.add_argument("--out", default=str(DATA_DIR / "tuning"))
+    parser.add_argument("--cut", type=int, action="append", default=[],
+                        help="also sweep each query's first N candidates: what --top-k N gives, whose windows are the "
+                             "first windows of this run (window_size 10, so N = 10 reads K = 10 from a K = 20 run)")  # fmt: skip
+    parser.add_argument("--judge-only", action="store_true", help="judge and cache, print no result (held-out queries)")
+    parser.add_argument("--fusion", default=None, metavar="SCORING,SIGNAL,W",
+                        help="print only this row, e.g. logprobs+mm,rank,0.5 (a held-out report of a chosen setting)")
     args = parser.parse_args()
 
     dataset = load_dataset(args.path)
@@ -132,13 +148,24 @@ def main() -> None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             passes.append(judge_all(config, query_ids, dataset, retriever, llm, cache, reverse, prompt, args.prompt is not None, args.cached_only))
         runs.append((config_text, config, passes))
+    if args.judge_only:
+        print(f"judged {len(query_ids)} {args.queries_split} queries; results not shown (--judge-only)")
+        return
     if args.cached_only:
         query_ids = [q for q in query_ids if all(q in judged for _, _, passes in runs for judged in passes)]
-    first = {q: doc_ranking([n.node.metadata["corpus_id"] for n in retriever.retrieve(dataset.queries[q])]) for q in query_ids}
+    for k in [args.top_k] + args.cut:
+        cut = [(text, config, [{q: judged[q][:k] for q in judged} for judged in passes]) for text, config, passes in runs]
+        report(args, cut, query_ids, dataset, llm, k)
+
+
+def report(args, runs: list, query_ids: list[str], dataset, llm, k: int) -> None:
+    """The sweep's table for the runs' first ``k`` candidates of each query."""
+    first = {q: doc_ranking([c["doc"] for c in runs[0][2][0][q]]) for q in query_ids}  # the judged candidates, in retrieval order
     base = per_query(first, dataset.qrels, 10)
     base_ndcg = [base[q][NDCG] for q in query_ids]
-    print(f"{len(query_ids)} {args.queries_split} queries, top-k {args.top_k}; first stage nDCG@10 {statistics.mean(base_ndcg):.4f}")
-    print(f"{'config':<44} {'scoring':<12} {'signal':<6} {'w':>4} {'nDCG@10':>8} {'delta':>7} {'p(t)':>6} {'s/query':>8}")
+    print(f"{len(query_ids)} {args.queries_split} queries of {dataset.name}, top-k {k}; first stage nDCG@10 {statistics.mean(base_ndcg):.4f}"
+          + (f" (judged at top-k {args.top_k}; s/query is that run's)" if k != args.top_k else ""))
+    print(f"{'config':<44} {'scoring':<12} {'signal':<9} {'w':>4} {'nDCG@10':>8} {'delta':>7} {'p(t)':>6} {'p(W)':>6} {'+/-':>6} {'s/query':>8}")
     if args.mix:
         runs += mixes(runs, query_ids)
     for config_text, config, passes in runs:
@@ -149,7 +176,7 @@ def main() -> None:
         for n_passes in range(1, len(passes) + 1):
             name = config_text + (f" +{args.prompt.name}" if args.prompt else "") + (" +reverse_pass" if n_passes == 2 else "")
             wall = sum(statistics.mean(c[0]["wall_s"] for c in judged.values()) for judged in passes[:n_passes])
-            sweep(name, passes[:n_passes], scale, query_ids, dataset, base_ndcg, wall)
+            sweep(name, passes[:n_passes], scale, query_ids, dataset, base_ndcg, wall, args.fusion)
 
 
 def mixes(runs: list, query_ids: list[str]) -> list:
@@ -200,18 +227,32 @@ def costs(judged: dict[str, list[dict]], query_ids: list[str]) -> str:
             f"answer tokens, {mean('wall_s'):.1f} s; unlabelled {unlabelled} of {sum(len(judged[q]) for q in query_ids)}")
 
 
-def sweep(name: str, passes: list[dict], scale, query_ids: list[str], dataset, base_ndcg: list[float], wall: float) -> None:
-    """Print one row per scoring mode, fusion signal and weight."""
-    for scoring, norm in (("logprobs", False), ("logprobs", True), ("label", False)):
-        for signal in ("rank", "score"):
-            for weight in WEIGHTS if signal == "rank" else WEIGHTS[1:-1]:
-                runs = {q: ranking([judged[q] for judged in passes], scale, scoring, weight, signal, norm) for q in query_ids}
-                values = per_query(runs, dataset.qrels, 10)
-                ndcg = [values[q][NDCG] for q in query_ids]
-                p = paired_tests(ndcg, base_ndcg)["ttest_rel"]
-                print(f"{name:<44} {scoring + ('+mm' if norm else ''):<12} {signal:<6} {weight:>4.1f} {statistics.mean(ndcg):>8.4f} "
-                      f"{statistics.mean(ndcg) - statistics.mean(base_ndcg):>+7.4f} "
-                      f"{p if p is None else round(p, 3)!s:>6} {wall:>8.1f}")  # fmt: skip
+def sweep(
+    name: str, passes: list[dict], scale, query_ids: list[str], dataset, base_ndcg: list[float], wall: float,
+    only: str | None = None,
+) -> None:
+    """Print one row per scoring mode, fusion signal and weight (and the spread-adaptive weights of
+    :func:`ranking` for min-max logprobs with the rank), or only the ``only`` row (``SCORING,SIGNAL,W``)."""
+    rows = [(scoring, norm, signal, weight, None)
+            for scoring, norm in (("logprobs", False), ("logprobs", True), ("label", False))
+            for signal in ("rank", "score") for weight in (WEIGHTS if signal == "rank" else WEIGHTS[1:-1])]
+    rows += [("logprobs", True, "rank", weight, adapt) for adapt in ADAPT for weight in WEIGHTS[2:8]]  # fmt: skip
+    for scoring, norm, signal, weight, adapt in rows:
+        kind = signal + (f"/a{adapt}" if adapt else "")
+        if only and only.split(",") != [scoring + ("+mm" if norm else ""), kind, str(weight)]:
+            continue
+        runs = {q: ranking([judged[q] for judged in passes], scale, scoring, weight, signal, norm, adapt) for q in query_ids}
+        values = per_query(runs, dataset.qrels, 10)
+        ndcg = [values[q][NDCG] for q in query_ids]
+        p = paired_tests(ndcg, base_ndcg)
+        moved = f"{sum(a > b for a, b in zip(ndcg, base_ndcg))}/{sum(a < b for a, b in zip(ndcg, base_ndcg))}"
+        print(f"{name:<44} {scoring + ('+mm' if norm else ''):<12} {kind:<9} {weight:>4.1f} {statistics.mean(ndcg):>8.4f} "
+              f"{statistics.mean(ndcg) - statistics.mean(base_ndcg):>+7.4f} {_p(p['ttest_rel']):>6} {_p(p['wilcoxon']):>6} "
+              f"{moved:>6} {wall:>8.1f}")  # fmt: skip
+
+
+def _p(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 if __name__ == "__main__":

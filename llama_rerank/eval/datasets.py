@@ -1,6 +1,8 @@
 """Test collections on disk -> queries, corpus and graded judgments, plus the fixed query splits.
 
-Two layouts are read, detected from the files present:
+Public collections (Cranfield, SciFact) are not shipped with llama-rerank: they are read from one place,
+:func:`data_root` (``$LLAMA_RERANK_DATA``, else ``../shared/data`` beside a source checkout), so ``eval cranfield``
+finds ``DATA/cranfield``. Three layouts are read, detected from the files present:
 
 - BEIR: ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl`` (``_id``, ``text``) and
   ``qrels/SPLIT.tsv`` (header ``query-id corpus-id score``; graded scores allowed). A document's text is its title
@@ -10,6 +12,8 @@ Two layouts are read, detected from the files present:
   ``cranqrel`` names them; the ``.I`` ids of ``cran.qry`` (1, 2, 4, 8, ...) are not used. Relevance codes map to
   graded gains as ``gain = 5 - code`` for codes 1..4 (1 = complete answer -> 4, ..., 4 = minimum interest -> 1)
   and 0 otherwise (``-1`` = judged not relevant).
+- Known answers (the bundled demo corpus, ``llama_rerank/demo_data``): ``docs/*`` files and ``queries.json``, a
+  list of ``{"query", "answer_doc"}``; each query's one known answer passage has gain 1, every other document 0.
 
 The queries evaluated are those with at least one judgment of gain > 0. ``--queries-split`` cuts them into two
 fixed halves: in id order (numeric ids by value, others as text after them), ``tune`` takes the 1st, 3rd, 5th, ...
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -31,6 +36,8 @@ from llama_rerank.eval import EvalError
 
 CRANFIELD_FILES = ("cran.all.1400", "cran.qry", "cranqrel")
 QUERY_SPLITS = ("all", "tune", "test")
+DATA_ENV = "LLAMA_RERANK_DATA"  # the folder holding the evaluation collections, one subfolder each
+BESIDE_CHECKOUT = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data next to a source checkout
 
 
 @dataclass
@@ -38,31 +45,65 @@ class Dataset:
     """A test collection: ``corpus`` and ``queries`` map ids to text, ``qrels`` query id -> corpus id -> gain."""
 
     name: str
-    format: str  # "beir" or "cranfield"
+    format: str  # "beir", "cranfield" or "known-answers"
     corpus: dict[str, str]
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
+    split: str | None = None  # the BEIR qrels split read
 
 
-def load_dataset(path: str | Path, split: str = "test") -> Dataset:
-    """Read a BEIR-layout folder (judgments of ``qrels/{split}.tsv``) or a Cranfield folder."""
+def data_root() -> Path | None:
+    """The folder of evaluation collections: ``$LLAMA_RERANK_DATA``, else ``../shared/data`` beside the checkout
+    when it exists, else ``None``."""
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser()
+    return BESIDE_CHECKOUT if BESIDE_CHECKOUT.is_dir() else None
+
+
+def collection_dir(name: str) -> Path:
+    """The folder of collection ``name`` (``cranfield``, ``scifact``) in :func:`data_root`, or a clear error."""
+    root = data_root()
+    if root is not None and (root / name).is_dir():
+        return root / name
+    where = f"{root} has no {name}/ folder" if root is not None else f"${DATA_ENV} is not set"
+    raise EvalError(
+        f"the {name} collection was not found ({where}): llama-rerank does not ship evaluation collections; "
+        f"set {DATA_ENV} to the folder that holds {name}/, or give the collection's folder as a path"
+    )
+
+
+def load_dataset(path: str | Path, split: str | None = None) -> Dataset:
+    """Read a BEIR-layout folder (judgments of ``qrels/{split}.tsv``; ``split`` None: see :func:`load_beir`), a Cranfield folder or a known-answers folder.
+
+    A bare name that is not a folder here (``cranfield``) is looked up in :func:`data_root`.
+    """
     folder = Path(path).expanduser()
+    if not folder.is_dir() and len(folder.parts) == 1:
+        folder = collection_dir(str(folder))
     if not folder.is_dir():
-        raise EvalError(f"{folder} is not a folder: give a BEIR-layout folder or the Cranfield folder")
+        raise EvalError(f"{folder} is not a folder: give a BEIR-layout folder, the Cranfield folder or a collection name")
     if all((folder / name).is_file() for name in CRANFIELD_FILES):
         return load_cranfield(folder)
     if (folder / "corpus.jsonl").is_file() and (folder / "queries.jsonl").is_file():
         return load_beir(folder, split)
+    if (folder / "queries.json").is_file() and (folder / "docs").is_dir():
+        return load_known_answers(folder)
     raise EvalError(
-        f"{folder} is neither a BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/{split}.tsv) "
-        f"nor a Cranfield folder ({', '.join(CRANFIELD_FILES)})"
+        f"{folder} is neither a BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/{split or 'SPLIT'}.tsv), "
+        f"a Cranfield folder ({', '.join(CRANFIELD_FILES)}) nor a known-answers folder (docs/, queries.json)"
     )
 
 
-def load_beir(folder: Path, split: str = "test") -> Dataset:
+def load_beir(folder: Path, split: str | None = None) -> Dataset:
+    """``split`` None: the only ``qrels/*.tsv`` there is (SciFact's copy has ``train`` alone), else ``test``.
+
+    Only a query's ``text`` is read: other fields (SciFact's ``metadata`` holds its evidence labels) never reach
+    the first stage or the LLM.
+    """
+    found = sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))
+    split = split or (found[0] if len(found) == 1 else "test")
     qrels_path = folder / "qrels" / f"{split}.tsv"
     if not qrels_path.is_file():
-        found = sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))
         raise EvalError(f"no judgments at {qrels_path}; splits found: {', '.join(found) or 'none'}")
     corpus = {str(r["_id"]): "\n".join(t for t in (r.get("title") or "", r.get("text") or "") if t.strip())
               for r in _jsonl(folder / "corpus.jsonl")}  # fmt: skip
@@ -76,7 +117,7 @@ def load_beir(folder: Path, split: str = "test") -> Dataset:
                 qrels.setdefault(row[0], {})[row[1]] = int(float(row[2]))
             except (IndexError, ValueError) as exc:
                 raise EvalError(f"{qrels_path}:{n}: expected 'query-id<TAB>corpus-id<TAB>score', got {row!r}") from exc
-    return Dataset(folder.name, "beir", corpus, queries, qrels)
+    return Dataset(folder.name, "beir", corpus, queries, qrels, split)
 
 
 def _jsonl(path: Path) -> Iterator[dict]:
@@ -104,6 +145,23 @@ def load_cranfield(folder: Path) -> Dataset:
         query, doc, code = parts[0], str(int(parts[1])), int(parts[2])
         qrels.setdefault(query, {})[doc] = 5 - code if 1 <= code <= 4 else 0
     return Dataset(folder.name, "cranfield", corpus, queries, qrels)
+
+
+def load_known_answers(folder: Path) -> Dataset:
+    """The demo layout: every file of ``docs/`` is a document (id: its file name); each query in ``queries.json``
+    has one known answer document."""
+    corpus = {p.name: p.read_text(encoding="utf-8") for p in sorted((folder / "docs").iterdir()) if p.is_file()}
+    try:
+        entries = json.loads((folder / "queries.json").read_text(encoding="utf-8"))
+        pairs = [(str(e["query"]), str(e["answer_doc"])) for e in entries]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise EvalError(f"{folder / 'queries.json'}: expected a list of {{\"query\", \"answer_doc\"}} objects ({exc})") from exc
+    missing = sorted({doc for _, doc in pairs} - set(corpus))
+    if missing:
+        raise EvalError(f"{folder / 'queries.json'} names answer documents not in docs/: {', '.join(missing)}")
+    queries = {str(n): query for n, (query, _) in enumerate(pairs, start=1)}
+    qrels = {str(n): {doc: 1} for n, (_, doc) in enumerate(pairs, start=1)}
+    return Dataset(folder.name, "known-answers", corpus, queries, qrels)
 
 
 def _records(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
