@@ -13,7 +13,8 @@ provider's error bodies, and returns logprobs whose tokens concatenate to the co
         stub.requests         # every request that arrived: method, path, query, headers, parsed JSON body
 
 Each entry of ``PROFILES`` cites the public source of the behaviour it reproduces. Token counts are approximate
-(one token per word, number or punctuation run).
+(one token per word, number or punctuation run), unless the profile has a real ``tokenizer`` (``cl100k()``): then
+``usage`` counts what arrived the way OpenAI counts a chat request (``chat_prompt_tokens``).
 """
 
 from __future__ import annotations
@@ -74,6 +75,32 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text)
 
 
+def cl100k() -> Callable[[str], list[int]]:
+    """tiktoken's ``cl100k_base``, read offline from the copy LlamaIndex bundles; every text counts as ordinary text."""
+    import os
+
+    import llama_index.core
+    import tiktoken
+
+    bundled = os.path.join(os.path.dirname(llama_index.core.__file__), "_static", "tiktoken_cache")
+    previous = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = bundled
+    try:
+        return tiktoken.get_encoding("cl100k_base").encode_ordinary
+    finally:
+        if previous is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = previous
+
+
+def chat_prompt_tokens(messages: list[dict[str, Any]], encode: Callable[[str], list[int]]) -> int:
+    """Prompt tokens of a chat request as OpenAI counts them: each message's role and content plus 3 tokens of
+    format, and 3 that prime the reply (OpenAI cookbook, "How to count tokens with tiktoken")."""
+    return 3 + sum(3 + len(encode(str(m.get("role") or ""))) + len(encode(str(m.get("content") or "")))
+                   for m in messages)
+
+
 # --- profiles ------------------------------------------------------------------------------------------------------
 
 
@@ -104,6 +131,7 @@ class Profile:
     thinking: Optional[str] = None  # visible reasoning: "inline" (<think> in content) or the message field's name
     strict_model: bool = True  # an unknown model (Azure: deployment) gets the provider's 404
     judge: Callable[[str, str], str] = keyword_judge
+    tokenizer: Optional[Callable[[str], list[int]]] = None  # usage counted with it (e.g. cl100k()), not word-ish tokens
 
 
 _OLLAMA_EFFORTS = ("high", "medium", "low", "none")
@@ -244,6 +272,39 @@ ERRORS: dict[int, Reply] = {
 }
 DROP = Reply(drop=True)  # the connection closes without a response: APIConnectionError
 MALFORMED = Reply(200, '{"id": "chatcmpl-stub", "choices": [', {"Content-Type": "application/json"})
+
+
+def _html(status: int, title: str) -> Reply:
+    """nginx's own error page for ``status``."""
+    return Reply(status, f"<html>\r\n<head><title>{status} {title}</title></head>\r\n<body>\r\n<center><h1>{status} "
+                 f"{title}</h1></center>\r\n<hr><center>nginx/1.18.0</center>\r\n</body>\r\n</html>\r\n",
+                 {"Content-Type": "text/html"})
+
+
+# Replies no retry can fix, as a misconfigured deployment sends them.
+MISCONFIGURED: dict[str, Reply] = {
+    # The api_base is a web server, or a route that takes no POST: nginx's 405 page
+    # (https://github.com/Blaizzy/mlx-vlm/issues/1689), or a Python server's {"detail": "Method Not Allowed"}
+    # (https://github.com/mealie-recipes/mealie/issues/7123: an Open WebUI base URL without /api).
+    "405 nginx": _html(405, "Not Allowed"),
+    "405 json": Reply(405, {"detail": "Method Not Allowed"}),
+    # A proxy's body limit (nginx client_max_body_size, 1 MB by default) answers with its own page
+    # (https://github.com/ChronoAIProject/NyxID/issues/957, https://github.com/CosmosShadow/gptpdf/issues/38).
+    "413 nginx": _html(413, "Request Entity Too Large"),
+    # OpenAI when the account has no credit left: 429, type and code insufficient_quota
+    # (body quoted in https://github.com/mattvr/ShellGPT/issues/23; platform.openai.com/docs/guides/error-codes).
+    "429 quota": openai_error(429, "You exceeded your current quota, please check your plan and billing details. For "
+                              "more information on this error, read the docs: https://platform.openai.com/docs/guides/"
+                              "error-codes/api-errors.", "insufficient_quota", "insufficient_quota"),
+    # 200 with a web page (a web app's index page for every path): the openai client returns a body that is not JSON
+    # as a string (openai/_response.py), which the LLM classes cannot read ("'str' object has no attribute
+    # 'choices'", https://github.com/NEKOparapa/AiNiee/issues/151: a relay answering in its own format).
+    "200 html": Reply(200, "<!doctype html><html><head><title>Open WebUI</title></head><body><div id=\"app\"></div>"
+                      "</body></html>", {"Content-Type": "text/html; charset=utf-8"}),
+    # 200 JSON of another API: Ollama's native /api/chat reply (github.com/ollama/ollama docs/api.md), no choices.
+    "200 json": Reply(200, {"model": "qwen2.5:7b", "created_at": "2026-11-30T12:00:00Z", "message": {
+        "role": "assistant", "content": "Hello"}, "done": True}),
+}
 
 
 def _error(dialect: str, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> Reply:
@@ -458,6 +519,9 @@ def answer(profile: Profile, body: Mapping[str, Any], model: Any) -> Reply:
                              "created": int(time.time()), "model": model, "choices": [choice]}
     if profile.usage:
         prompt_tokens = sum(len(tokenize(str(m.get("content") or ""))) for m in body["messages"])
+        if profile.tokenizer is not None:  # counted independently of the client, with a real tokenizer
+            prompt_tokens = chat_prompt_tokens(body["messages"], profile.tokenizer)
+            used = hidden + len(profile.tokenizer("".join(tok for tok, _ in thought_tokens + answer_tokens)))
         usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": used,
                                  "total_tokens": prompt_tokens + used}
         if profile.usage_details:
