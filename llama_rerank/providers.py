@@ -1,9 +1,12 @@
 """What an LLM error means, and what an LLM accepts.
 
-Errors: one carrying HTTP status 400, 401, 403, 404 or 422 is *permanent* (a bad key, an unknown model, a parameter
-the provider refuses): no retry can fix it, so it becomes :class:`~llama_rerank.errors.LLMConfigError`, naming the
-cause and the fix. Everything else (timeouts, dropped connections, 408/409/429/5xx, exception types we do not know)
-is *transient*: retried with backoff, then handled by ``on_error``.
+Errors: *permanent* ones no retry can fix become :class:`~llama_rerank.errors.LLMConfigError`, naming the cause and
+the fix: HTTP 400, 401, 403, 404 and 422 (a bad key, an unknown model, a parameter the provider refuses), 405 (the
+API base is a web server or another route, not the API), 413 (a proxy refuses a request that large), OpenAI's 429
+with error type or code ``insufficient_quota`` (no credit left: waiting does not help), and a reply that the OpenAI
+LLM classes cannot read as a chat completion (an HTML page or other JSON answered with 200). Everything else
+(timeouts, dropped connections, 408/409, 429 rate limits, 5xx, exception types we do not know) is *transient*:
+retried with backoff, then handled by ``on_error``.
 
 Capabilities: :class:`Provider` keeps a private working copy of the user's LLM (the user's own object is never
 changed) and the request options it has been seen to accept. OpenAI-family LLMs (``OpenAI``, ``OpenAILike``,
@@ -27,7 +30,14 @@ from llama_index.core.llms import LLM
 
 logger = logging.getLogger(__name__)
 
-PERMANENT_STATUS = frozenset({400, 401, 403, 404, 422})
+PERMANENT_STATUS = frozenset({400, 401, 403, 404, 405, 413, 422})
+# A 429 that waiting does not fix: the account has no credit or reached a spending limit. OpenAI sends error type and
+# code "insufficient_quota" (platform.openai.com/docs/guides/error-codes: "You exceeded your current quota, please
+# check your plan and billing details"); the billing codes may come with that type (learn.microsoft.com/en-us/
+# microsoft-cloud/dev/dev-proxy/concepts/openai-insufficient-quota).
+QUOTA_CODES = frozenset({"insufficient_quota", "credit_balance_exhausted", "organization_spend_limit_exceeded",
+                         "project_spend_limit_exceeded", "organization_usage_limit_exceeded"})  # fmt: skip
+_SAID_MAX = 300  # characters of the provider's message quoted in an error (a proxy's answer may be a whole web page)
 # Lowest first; a model that refuses one gets the next (gpt-5: minimal..high; gpt-5.1+: none..high; o-series: low..).
 REASONING_EFFORTS = ("none", "minimal", "low")
 REASONING_ROOM = 512  # completion tokens a reasoning model may spend thinking before it writes the labels
@@ -51,9 +61,34 @@ def status_of(exc: BaseException) -> int | None:
     return None
 
 
+def _error_codes(exc: BaseException) -> set[str]:
+    """The error ``code`` and ``type`` an OpenAI-style error body carries (the openai client keeps them on the error)."""
+    body = getattr(exc, "body", None)
+    body = body.get("error", body) if isinstance(body, dict) else {}
+    values = [getattr(exc, "code", None), getattr(exc, "type", None)]
+    values += [body.get("code"), body.get("type")] if isinstance(body, dict) else []
+    return {value for value in values if isinstance(value, str)}
+
+
+def quota_exhausted(exc: BaseException) -> bool:
+    """A 429 saying the account is out of quota (``insufficient_quota``), not that requests came too fast."""
+    return status_of(exc) == 429 and bool(_error_codes(exc) & QUOTA_CODES)
+
+
+def not_a_completion(exc: BaseException) -> bool:
+    """The OpenAI LLM classes failed reading a reply, so it was no chat completion: the openai client hands an HTML
+    page over as a string (``'str' object has no attribute 'choices'``) and JSON without ``choices`` as it is."""
+    if not isinstance(exc, (AttributeError, TypeError, IndexError, KeyError)):
+        return False
+    frame = exc.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and str(frame.tb_frame.f_globals.get("__name__")).startswith("llama_index.llms.openai")
+
+
 def is_permanent(exc: BaseException) -> bool:
-    """True for errors no retry can fix (HTTP 400/401/403/404/422); everything else is worth retrying."""
-    return status_of(exc) in PERMANENT_STATUS
+    """True for errors no retry can fix (see the module docstring); everything else is worth retrying."""
+    return status_of(exc) in PERMANENT_STATUS or quota_exhausted(exc) or not_a_completion(exc)
 
 
 def retry_after(exc: BaseException | None) -> float | None:
@@ -98,9 +133,24 @@ def model_identity(llm: LLM) -> str:
 def explain(exc: BaseException, who: str, adapts: bool = False) -> str:
     """One line for a permanent error: ``who`` refused, what they said, and how to fix it (``adapts``: the request
     came through an OpenAI-family class, whose refused options the reranker adapts by itself)."""
+    if not_a_completion(exc):
+        return (f"{who} answered with something that is not a chat completion ({type(exc).__name__}: {exc}): the API "
+                "base URL points at a web page or another service. Set api_base to the OpenAI-compatible API's base "
+                "URL, which usually ends in /v1 (for example http://localhost:8000/v1).")  # fmt: skip
     status = status_of(exc)
-    said = getattr(exc, "message", None) or str(exc)
-    if status == 401:
+    said = " ".join(str(getattr(exc, "message", None) or exc).split())
+    said = said if len(said) <= _SAID_MAX else said[:_SAID_MAX] + "..."
+    if status == 405:
+        fix = ("The API base URL does not lead to an OpenAI-compatible chat API (a web server or another route "
+               "answered): set api_base to the API's base URL, which usually ends in /v1.")  # fmt: skip
+    elif status == 413:
+        fix = ("The request is larger than the server (or a proxy in front of it) accepts: lower window_size or "
+               "max_passage_tokens, or raise the proxy's body size limit (nginx: client_max_body_size, 1 MB by "
+               "default).")  # fmt: skip
+    elif quota_exhausted(exc):
+        fix = ("The account has no quota left (credit used up or a spending limit reached); retrying does not help: "
+               "add credit or raise the limit in the provider's billing settings, or use another key or project.")  # fmt: skip
+    elif status == 401:
         fix = "The API key was refused: set a valid key (OPENAI_API_KEY, or api_key=... on the LLM)."
     elif status == 403:
         fix = "The key may not use this model or endpoint: check the key's project, organisation and model access."

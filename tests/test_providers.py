@@ -35,7 +35,7 @@ class StatusError(Exception):
         self.status_code = status
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 405, 413, 422])
 def test_client_errors_are_permanent(status):
     assert is_permanent(StatusError(status))
     assert status_of(api_error(openai.APIStatusError, status)) == status
@@ -46,6 +46,13 @@ def test_client_errors_are_permanent(status):
                                    RuntimeError("custom LLM blew up"), openai.APIConnectionError(request=REQUEST)])
 def test_everything_else_is_transient(error):
     assert not is_permanent(error)
+
+
+def test_a_quota_429_is_permanent_a_rate_limit_429_is_not():
+    quota = api_error(openai.RateLimitError, 429, "You exceeded your current quota")
+    quota.code = quota.type = "insufficient_quota"  # as the openai client sets them from the error body
+    assert is_permanent(quota)
+    assert not is_permanent(api_error(openai.RateLimitError, 429, "Rate limit reached for requests"))
 
 
 def test_retry_after_in_seconds_and_as_http_date():

@@ -16,7 +16,7 @@ from llama_index.llms.openai import OpenAI
 from llama_index.llms.openai_like import OpenAILike
 
 from llama_rerank import LikelihoodRerank, LLMConfigError
-from openai_stub import DROP, ERRORS, MALFORMED, PROFILES, Reasoning, StubServer, rate_limited, slow
+from openai_stub import DROP, ERRORS, MALFORMED, MISCONFIGURED, PROFILES, Reasoning, Reply, StubServer, rate_limited, slow
 
 QUERY = "espresso extraction time"
 TEXTS = ["The weather in Lisbon is mild.", "Espresso needs about 25 seconds.", "Oat milk foams well.",
@@ -184,6 +184,28 @@ async def test_permanent_errors_are_raised_at_once_with_the_fix(status, fix, mod
         with pytest.raises(LLMConfigError, match=f"HTTP {status}.*{fix}"):
             await rerank(reranker(openai(stub), on_error="fallback"), mode)
     assert len(stub.chat_requests) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "name, fix",
+    [("405 nginx", "api_base.*/v1"), ("405 json", "api_base.*/v1"), ("413 nginx", "client_max_body_size"),
+     ("429 quota", "no quota left.*billing"), ("200 html", "not a chat completion.*api_base.*/v1"),
+     ("200 json", "not a chat completion.*api_base.*/v1")],
+)  # fmt: skip
+async def test_misconfiguration_no_retry_can_fix_is_raised_at_once_with_the_fix(name, fix, mode):
+    """405, 413, a quota-exhausted 429 and a 200 that is no completion are never retried, whatever on_error says."""
+    with StubServer("openai-chat", script=[MISCONFIGURED[name]] * 5) as stub:
+        with pytest.raises(LLMConfigError, match=fix) as info:
+            await rerank(reranker(openai(stub), on_error="fallback", max_retries=3), mode)
+    assert len(stub.chat_requests) == 1
+    assert "<html" not in str(info.value).lower() or len(str(info.value)) < 800, "a web page is not pasted whole"
+
+
+async def test_a_rate_limit_429_is_still_transient_next_to_the_quota_one(caplog):
+    with StubServer("openai-chat", script=[ERRORS[429]]) as stub:
+        result = reranker(openai(stub)).rerank(QUERY, nodes())
+    assert ranked_first(result) == RELEVANT and result.usage.retries == 1 and len(stub.chat_requests) == 3
 
 
 async def test_unknown_model_is_a_clear_error():
