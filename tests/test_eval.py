@@ -101,13 +101,33 @@ def test_beir_loader(beir_dir):
 def test_beir_split_and_bad_folders(tmp_path):
     folder = write_beir(tmp_path / "dev", split="dev")
     assert load_dataset(folder, split="dev").qrels["q3"] == {"plate": 3}
-    with pytest.raises(EvalError, match=r"qrels/test.tsv.*splits found: dev"):
-        load_dataset(folder)
+    assert load_dataset(folder).split == "dev"  # the only judgments there are (SciFact's copy has train alone)
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\twing\t1\n")
+    with pytest.raises(EvalError, match=r"qrels/test.tsv.*splits found: dev, train"):
+        load_dataset(folder)  # two splits and no test: which one is not guessed
+    assert load_dataset(folder, split="train").qrels == {"q1": {"wing": 1}}
     (tmp_path / "empty").mkdir()
     with pytest.raises(EvalError, match="neither a BEIR-layout folder"):
         load_dataset(tmp_path / "empty")
     with pytest.raises(EvalError, match="not a folder"):
         load_dataset(tmp_path / "missing")
+
+
+def test_query_metadata_never_reaches_the_first_stage_or_the_llm(tmp_path, embed, monkeypatch):
+    """SciFact's claims carry their evidence labels in ``metadata``: only the claim's text may be used."""
+    folder = write_beir(tmp_path / "claims", split="train")
+    marker = "CONTRADICT-13734012"
+    evidence = {"wing": [{"sentences": [0], "label": marker}]}
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": k, "text": v, "metadata": evidence}) + "\n" for k, v in QUERIES.items()))
+    embedded = []
+    original = type(embed)._get_query_embedding
+    monkeypatch.setattr(type(embed), "_get_query_embedding", lambda self, query: embedded.append(query) or original(self, query))
+    llm = CountedLLM(answer)
+    run = evaluate(folder, ["first-stage", "likelihood", "llm-rerank", "rankgpt"], llm=llm, store=tmp_path / "store",
+                   embed_model=embed, top_k=3, progress=False)  # fmt: skip
+    assert run.config["split"] == "train" and set(run.results["likelihood"]) == {"q1", "q2", "q3"}
+    assert {QUERIES[q] for q in ("q1", "q2", "q3")} <= set(embedded)  # the first stage embedded each claim's text...
+    assert len(llm.prompts) >= 9 and not any(marker in p or "sentences" in p for p in embedded + llm.prompts)  # ...alone
 
 
 CRAN_DOCS = """.I 1

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(e.g. likelihood:window_size=1,retrieval_weight=0.7) (default: %(default)s)")  # fmt: skip
     parser.add_argument("--top-k", type=int, default=20, help="candidates from the first stage (default: %(default)s)")
     parser.add_argument("--top-n", type=int, default=10, help="N of Recall@N (default: %(default)s)")
-    parser.add_argument("--split", default="test", help="BEIR qrels split, qrels/SPLIT.tsv (default: %(default)s)")
+    parser.add_argument("--split", default=None,
+                        help="BEIR qrels split, qrels/SPLIT.tsv (default: the only one there is, else test)")
     parser.add_argument("--queries-split", choices=("all", "tune", "test"), default="all",
                         help="fixed half of the judged queries: tune = 1st, 3rd, 5th... in id order, test = 2nd, 4th... (default: %(default)s)")  # fmt: skip
     parser.add_argument("--limit-queries", type=int, default=None, help="evaluate a seeded random sample of N queries")

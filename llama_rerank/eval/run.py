@@ -296,7 +296,7 @@ def _plan(
     *,
     top_k: int = 20,
     top_n: int = 10,
-    split: str = "test",
+    split: str | None = None,
     queries_split: str = "all",
     limit_queries: int | None = None,
     seed: int = 0,
@@ -328,7 +328,7 @@ def _plan(
     rerankers = {spec: systems.build(spec, llm, top_k, defaults) for spec in system_specs}
     llm_name = f"{llm_spec}|{llm.metadata.model_name}" if llm is not None else ""
     config = {
-        "path": portable(path), "format": dataset.format, "split": split, "queries_split": queries_split,
+        "path": portable(path), "format": dataset.format, "split": dataset.split, "queries_split": queries_split,
         "limit_queries": limit_queries, "seed": seed, "excluded_queries": len(exclude_queries), "queries": len(query_ids),
         "systems": list(system_specs),
         "top_k": top_k, "top_n": top_n, "likelihood_defaults": defaults, "llm": llm_spec if llm is not None else None,
