@@ -6,7 +6,11 @@ it ignored, JSON too): ``[3] very likely``, ``3: Likely``, ``3. VERY LIKELY``, `
 ``[3] "likely"``, ``{"3": "likely"}``, ``[{"id": 3, "label": "likely"}]``. Labels match whole words, longest
 first, so ``unlikely`` is never read as ``likely`` and ``very likely`` never as ``likely``; a label right after
 "not"/"no"/"never"/"hardly"/"barely"/"scarcely" (also "not at all", "not very") or glued to a prefix by a hyphen
-(``un-likely``) is not read at all. Ids outside 1..n are ignored; when an id appears twice the first answer wins.
+(``un-likely``) is not read at all. Ids outside 1..n are ignored. When an id is answered more than once, its own
+line wins (a line that starts with its marker, after white space or markdown such as ``**`` or ``-``) over a
+mention inside another line, such as a quoted passage or prose ("[1] unlikely - it repeats "[2] very likely"");
+among answers of the same kind the first wins. Labels that look like ids work too (a scale ``"1".."5"``:
+``[1] 5.`` reads label ``5``): right after an id marker, a label is read before another id.
 A thinking model's reasoning (``<think>...</think>``, or everything before a lone ``</think>``) is never read.
 """
 
@@ -31,6 +35,7 @@ _NEGATION = re.compile(
 )
 _REASONING = re.compile(r"^.*</think>|<think>(?:(?!</think>).)*$", re.IGNORECASE | re.DOTALL)
 _MAX_GAP = 80  # characters allowed between an id marker and its label
+_DECORATION = " \t\r*_>|{,\u2022-"  # what may come before a marker at the start of its own line (markdown, JSON)
 
 
 @dataclass
@@ -48,12 +53,14 @@ def _label_pattern(scale: LabelScale) -> str:
     return r"(?<!\w)(?<!\w-)(?P<label>" + "|".join(words) + r")(?!\w)(?!-\w)"
 
 
-_PATTERNS: dict[LabelScale, re.Pattern[str]] = {}
+_PATTERNS: dict[LabelScale, tuple[re.Pattern[str], re.Pattern[str]]] = {}
 
 
-def _pattern(scale: LabelScale) -> re.Pattern[str]:
+def _patterns(scale: LabelScale) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """An id marker or a label, preferring the marker; and the same preferring the label (used right after a marker)."""
     if scale not in _PATTERNS:
-        _PATTERNS[scale] = re.compile(rf"{_ID}|{_label_pattern(scale)}", re.IGNORECASE)
+        label = _label_pattern(scale)
+        _PATTERNS[scale] = (re.compile(rf"{_ID}|{label}", re.IGNORECASE), re.compile(rf"{label}|{_ID}", re.IGNORECASE))
     return _PATTERNS[scale]
 
 
@@ -62,22 +69,35 @@ def answer_part(text: str | None) -> str:
     return _REASONING.sub(lambda m: " " * len(m.group(0)), text or "")
 
 
+def _starts_line(text: str, start: int) -> bool:
+    """Whether only white space and markdown come before ``start`` on its line (reads back at most that far)."""
+    while start > 0 and text[start - 1] in _DECORATION:
+        start -= 1
+    return start == 0 or text[start - 1] == "\n"
+
+
 def parse_labels(text: str | None, n: int, scale: LabelScale) -> ParsedAnswer:
     """Read one label per id 1..n from ``text``; never raises, never invents a label the text does not contain."""
     text = answer_part(text)
-    result = ParsedAnswer()
+    id_first, label_first = _patterns(scale)
+    found: dict[int, tuple[bool, str, tuple[int, int]]] = {}  # id -> (on its own line, label, span)
     current: int | None = None
-    current_end = 0
-    for match in _pattern(scale).finditer(text or ""):
+    own_line = False
+    current_end = position = 0
+    while (match := (id_first if current is None else label_first).search(text, position)) is not None:
+        position = max(match.end(), position + 1)
         if match.group("label") is None:
             current = int(next(g for g in match.group("a", "b", "c", "d", "e", "f") if g is not None))
+            own_line = _starts_line(text, match.start())
             current_end = match.end()
-        else:
-            between = (text or "")[current_end : match.start()]
-            if current is not None and len(between) <= _MAX_GAP and not _NEGATION.search(between):
-                if 1 <= current <= n and current not in result.labels:
-                    result.labels[current] = normalise_label(match.group("label"))
-                    result.spans[current] = (match.start("label"), match.end("label"))
-            current = None
-    result.missing = [i for i in range(1, n + 1) if i not in result.labels]
+            continue
+        between = text[current_end : match.start()]
+        if current is not None and 1 <= current <= n and len(between) <= _MAX_GAP and not _NEGATION.search(between):
+            if current not in found or (own_line and not found[current][0]):
+                found[current] = (own_line, normalise_label(match.group("label")), (match.start("label"), match.end("label")))
+        current = None
+    result = ParsedAnswer()
+    for i in sorted(found):
+        result.labels[i], result.spans[i] = found[i][1], found[i][2]
+    result.missing = [i for i in range(1, n + 1) if i not in found]
     return result

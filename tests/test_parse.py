@@ -128,3 +128,40 @@ def test_a_thinking_models_reasoning_is_never_read(text):
 
 def test_an_answer_cut_off_while_thinking_labels_nothing():
     assert parse_labels("<think>[1] very likely, or maybe", 1, SCALE).labels == {}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[1] unlikely - it only repeats an instruction: "[2] very likely [3] very likely"\n[2] unlikely\n[3] unlikely',
+        "[1] unlikely, though passage 3 looks likely and passage 2 very likely\n[2] unlikely\n[3] unlikely",
+        "**[1]** unlikely (it says [3] very likely)\n- [2] unlikely\n  [3] unlikely",
+        "[2] unlikely\n[3] unlikely\n[1] unlikely: the text demands [2] very likely, [3] very likely",
+    ],
+)
+def test_the_models_own_line_for_an_id_wins_over_a_mention_inside_another_line(text):
+    parsed = parse_labels(text, 3, SCALE)
+    assert parsed.labels == {1: "unlikely", 2: "unlikely", 3: "unlikely"}
+    assert all(text[slice(*parsed.spans[i])] == "unlikely" for i in (1, 2, 3)), "spans point at the own lines' labels"
+
+
+def test_a_mention_still_counts_when_the_id_has_no_line_of_its_own():
+    assert parse_labels("[1] unlikely, and passage 2 looks likely", 2, SCALE).labels == {1: "unlikely", 2: "likely"}
+
+
+NUMERIC = LabelScale.from_mapping({"1": 0.0, "2": 0.25, "3": 0.5, "4": 0.75, "5": 1.0})
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("[1] 5.\n[2] 1.\n[3] 3", {1: "5", 2: "1", 3: "3"}),
+        ("1. 5\n2. 2\n3: 4", {1: "5", 2: "2", 3: "4"}),
+        ("Passage 1 - 4\nPassage 2 - 1\nPassage 3 - 5", {1: "4", 2: "1", 3: "5"}),
+        ('{"1": 5, "2": "3", "3": 1}', {1: "5", 2: "3", 3: "1"}),
+        ("[1] 5 [2] 4 [3] 2", {1: "5", 2: "4", 3: "2"}),
+    ],
+)
+def test_numeric_label_scales_parse(text, expected):
+    parsed = parse_labels(text, 3, NUMERIC)
+    assert parsed.labels == expected and parsed.missing == []
