@@ -1,15 +1,23 @@
 """The default listwise prompt, and how passages are numbered and fenced inside it.
 
 Each window's passages are numbered ``[1]..[n]`` in the order they appear in that window and wrapped in
-``<passage id="i">`` ... ``</passage>``; a passage's own text cannot close its fence early, so text inside a passage
-stays data. With structured output the answer's form is also given as a JSON schema (:func:`answer_schema`).
+``<passage id="i">`` ... ``</passage>``; a passage's own text cannot open or close a fence, so text inside a passage
+stays data. Whether a passage spells a tag is decided on what it would read as, not on a list of spellings: HTML
+entities and %-escapes resolved, compatibility forms folded (NFKD: full-width, math-bold, small forms), combining
+marks and invisible characters (zero-width space, soft hyphen) dropped, look-alike letters and slashes (Cyrillic
+``а``, fraction slash) read as what they imitate. Such a tag becomes ``<_passage``/``</_passage``; a passage whose
+tag only appears once entities or %-escapes are resolved is shown resolved. Other text is left exactly as it is
+(the prompt is part of the judgement cache key and of llama.cpp's cached prefix, so it stays deterministic). With structured output the answer's form is also given as a JSON schema (:func:`answer_schema`).
 The template's variables are ``{query}``, ``{num}``, ``{labels}`` and ``{passages}``.
 """
 
 from __future__ import annotations
 
+import html
 import re
+import unicodedata
 from typing import Any, Sequence
+from urllib.parse import unquote
 
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.prompts import BasePromptTemplate, ChatPromptTemplate
@@ -42,24 +50,61 @@ DEFAULT_RERANK_PROMPT = ChatPromptTemplate(
     ]
 )
 
-# "<" as text, as an HTML entity, or as a full-width or small look-alike; then an optional "/" (or a look-alike)
-_FENCE = re.compile(
-    r"(?:<|&lt;?|&#0*60;?|&#x0*3c;?|\uff1c|\ufe64|\u2039|\u3008)\s*((?:/|\uff0f|\u2215|&#0*47;?|&sol;?)?)\s*passage",
-    re.IGNORECASE,
-)
+_TAG = re.compile(r"<\s*(/?)\s*passage", re.IGNORECASE)  # matched on a passage's skeleton (below)
+# Characters that look like "<", "/" or a letter of "passage" (from Unicode's confusables.txt; accented letters and
+# compatibility forms need no entry: NFKD takes them apart first).
+_LOOKALIKES = str.maketrans({
+    "\u2039": "<", "\u3008": "<", "\u27e8": "<", "\u276e": "<", "\u02c2": "<", "\u1438": "<",
+    "\u2044": "/", "\u2215": "/", "\u29f8": "/", "\u2571": "/", "\u3033": "/", "\u30ce": "/", "\u4e3f": "/",
+    "\u0440": "p", "\u03c1": "p", "\u03f1": "p", "\u2374": "p", "\u0430": "a", "\u03b1": "a", "\u0251": "a",
+    "\u237a": "a", "\u0455": "s", "\ua731": "s", "\u01bd": "s", "\u0261": "g", "\u0581": "g", "\u0435": "e",
+    "\u04bd": "e", "\u212e": "e",
+})  # fmt: skip
+_DECODE_ROUNDS = 8  # entities and %-escapes are resolved until nothing changes, at most this often (&amp;lt; ...)
 
 
-def _defuse(match: re.Match[str]) -> str:
-    return "</_passage" if match.group(1) else "<_passage"
+def _skeleton(text: str) -> tuple[str, list[int]]:
+    """What ``text`` reads as (NFKD, lower case, no combining marks or invisible characters, look-alikes replaced),
+    with the index in ``text`` of each character it came from."""
+    if text.isascii():  # the common case, and a quick one: ASCII reads as it is spelt
+        return text.lower(), list(range(len(text)))
+    chars, where = [], []
+    for i, c in enumerate(text):
+        for d in unicodedata.normalize("NFKD", c).lower():
+            if unicodedata.category(d) not in ("Mn", "Cf"):
+                chars.append(d.translate(_LOOKALIKES))
+                where.append(i)
+    return "".join(chars), where
+
+
+def _decoded(text: str) -> str:
+    """``text`` with HTML entities and %-escapes resolved, repeatedly (a double-escaped tag is a tag too)."""
+    for _ in range(_DECODE_ROUNDS):
+        plain = unquote(html.unescape(text))
+        if plain == text:
+            break
+        text = plain
+    return text
+
+
+def _defused(text: str) -> str:
+    """``text`` with every ``<passage``/``</passage`` it reads as replaced by ``<_passage``/``</_passage``."""
+    view = _decoded(text)
+    if view != text and _TAG.search(_skeleton(view)[0]):
+        text = view  # a tag spelt with entities or %-escapes: the passage is shown as it reads
+    skeleton, where = _skeleton(text)
+    parts, last = [], 0
+    for match in _TAG.finditer(skeleton):
+        start, end = where[match.start()], where[match.end() - 1] + 1
+        parts += [text[last:start], "</_passage" if match.group(1) else "<_passage"]
+        last = end
+    return "".join(parts) + text[last:]
 
 
 def render_passages(texts: Sequence[str]) -> str:
-    """Number and fence passages; a ``<passage``/``</passage`` inside a text (also spelt with an HTML entity or a
-    full-width look-alike) is defused to ``<_passage``/``</_passage`` so the fences stay ours."""
-    return "\n\n".join(
-        f'<passage id="{i}">\n{_FENCE.sub(_defuse, text)}\n</passage>'
-        for i, text in enumerate(texts, start=1)
-    )
+    """Number and fence passages; a passage that reads as containing a ``<passage``/``</passage`` tag (however it is
+    spelt) gets it defused to ``<_passage``/``</_passage``, so the fences stay ours."""
+    return "\n\n".join(f'<passage id="{i}">\n{_defused(text)}\n</passage>' for i, text in enumerate(texts, start=1))
 
 
 def prompt_vars(query: str, texts: Sequence[str], scale: LabelScale) -> dict[str, str]:
