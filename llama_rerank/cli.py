@@ -16,6 +16,7 @@ from llama_rerank.errors import LlamaRerankError
 from llama_rerank.providers import PERMANENT_STATUS, explain, is_llm_failure, status_of
 
 WIDTH = 48
+TOP_K, TOP_N = 10, 3
 
 
 def _snippet(text: str, width: int = WIDTH) -> str:
@@ -81,8 +82,8 @@ def _add_store(parser: argparse.ArgumentParser, default: Path) -> None:
 def _add_rerank(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llm", default="local", help="'local' (bundled model, default), 'openai:<model>', or an OpenAI-compatible server URL")
     parser.add_argument("--model", default=None, help="model name to ask a server URL for")
-    parser.add_argument("--top-k", type=int, default=10, help="candidates from the first stage (default: %(default)s)")
-    parser.add_argument("--top-n", type=int, default=3, help="reranked passages the answer step reads (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=None, help=f"candidates from the first stage (default: {TOP_K}, or the --settings file's)")
+    parser.add_argument("--top-n", type=int, default=None, help=f"reranked passages the answer step reads (default: {TOP_N}, or the --settings file's)")
     parser.add_argument("--window-size", type=int, default=None, help="most candidates per LLM call (default: 10 for every --llm; for local, "
                         "one per call was no better and 35%% slower: docs/EVALUATION.md)")
     parser.add_argument("--no-answer", action="store_true", help="only show the rankings, do not synthesize an answer")
@@ -103,6 +104,10 @@ def _add_dry_run(parser: argparse.ArgumentParser) -> None:
                         "take, without calling the LLM (nor starting the bundled model)")  # fmt: skip
     parser.add_argument("--prices", type=_prices, default=None, metavar="PROMPT,COMPLETION",
                         help="with --dry-run, also the cost at these prices per million prompt and completion tokens")  # fmt: skip
+
+
+def _add_settings(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--settings", type=Path, default=None, metavar="FILE", help=f"settings.json written by `llama-rerank tune`: {what}")
 
 
 def format_estimate(estimate: "RerankEstimate") -> str:  # noqa: F821 - imported lazily
@@ -131,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store(query, DEFAULT_STORE)
     _add_rerank(query)
     _add_dry_run(query)
+    _add_settings(query, "its reranker options, calibration, top-k and top-n (flags given here win)")
 
     demo = sub.add_parser("demo", help="ingest the bundled sample corpus and run its queries")
     _add_store(demo, DEMO_STORE)
@@ -142,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="score rerankers on a BEIR-layout folder or Cranfield (nDCG@10, MRR@10, Recall@N)")
     add_eval_arguments(evaluate)
     _add_dry_run(evaluate)
+    _add_settings(evaluate, "its reranker options for the likelihood systems (K stays --top-k; a calibration does not change the order)")
+
+    from llama_rerank.tune import add_arguments as add_tune_arguments
+
+    tune = sub.add_parser("tune", help="should I rerank these documents? questions, a sweep, a held-out verdict, calibrated settings")
+    add_tune_arguments(tune)
+    _add_dry_run(tune)
 
     check = sub.add_parser("check-llm", help="one tiny rerank: what the LLM supports (logprobs, structured output, "
                            "reasoning), latency, tokens per candidate, and the settings it will get")  # fmt: skip
@@ -154,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:  # a missing extra (MissingExtraError) is a LlamaRerankError too: one line naming it, exit 1
         parser = build_parser()
         args = parser.parse_args(argv)
-        if getattr(args, "prices", None) and not args.dry_run:
+        if getattr(args, "prices", None) and not args.dry_run and args.command != "tune":  # tune also prices its report
             parser.error("--prices goes with --dry-run (it prices the estimate)")
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return _run(args)
@@ -179,16 +192,24 @@ def _llm_failure(exc: BaseException, spec: str) -> str:
 def _run(args: argparse.Namespace) -> int:
     from llama_rerank import pipeline, store
     from llama_rerank.postprocessor import LikelihoodRerank
+    from llama_rerank.tune import settings as settings_file
 
     if args.command == "check-llm":
         from llama_rerank.doctor import check_llm
 
         print(check_llm(pipeline.make_llm(args.llm, model=args.model), **pipeline.reranker_defaults(args.llm)))
         return 0
+    saved = settings_file.read(args.settings) if getattr(args, "settings", None) else None
     embed_model = pipeline.default_embedding()
+    if args.command == "tune":
+        from llama_rerank.tune import command as tune_command
+
+        return tune_command(args, embed_model)
     if args.command == "eval":
         from llama_rerank.eval import command
 
+        if saved:  # the tuned options; top_n and min_score (a probability with a calibration) are the harness's own
+            args.reranker_settings = {k: v for k, v in saved["reranker"].items() if k not in ("top_n", "min_score")}
         return command(args, embed_model)
     if args.command == "ingest":
         print(store.ingest(args.folder, args.store, embed_model, collection=args.collection, prune=args.prune))
@@ -203,17 +224,22 @@ def _run(args: argparse.Namespace) -> int:
     index = store.load_index(args.store, embed_model, collection=args.collection)
     dry_run = getattr(args, "dry_run", False)
     llm = pipeline.make_llm(args.llm, model=args.model, serve=not dry_run)
-    settings = {**pipeline.reranker_defaults(args.llm), "top_n": max(args.top_n, args.top_k)}  # show every candidate
+    top_k = args.top_k or (saved["top_k"] if saved else TOP_K)
+    top_n = args.top_n or (saved["reranker"]["top_n"] if saved else TOP_N)
+    chosen = {"top_n": max(top_n, top_k)}  # show every candidate
     if args.window_size is not None:
-        settings["window_size"] = args.window_size
-    reranker = LikelihoodRerank(llm=llm, **settings)
+        chosen["window_size"] = args.window_size
+    if saved:
+        reranker = settings_file.reranker(saved, llm, **chosen)
+    else:
+        reranker = LikelihoodRerank(llm=llm, **{**pipeline.reranker_defaults(args.llm), **chosen})
     if dry_run:
-        nodes = index.as_retriever(similarity_top_k=args.top_k).retrieve(args.text)
+        nodes = index.as_retriever(similarity_top_k=top_k).retrieve(args.text)
         print(format_estimate(reranker.estimate(args.text, nodes, args.prices)))
         return 0
     reports = []
     for query in queries:
-        report = pipeline.run_query(index, reranker, query["query"], top_k=args.top_k, top_n=args.top_n, answer=not args.no_answer)
+        report = pipeline.run_query(index, reranker, query["query"], top_k=top_k, top_n=top_n, answer=not args.no_answer)
         reports.append(dataclasses.replace(report, known_answer=query.get("answer_doc"), known_fact=query.get("answer_fact")))
         print()
         print(format_report(reports[-1]))

@@ -375,6 +375,14 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         floors = [v for v in floors if v is not None]
         return max(floors) if floors else None
 
+    @classmethod
+    def from_settings(cls, path: str, llm: Optional[LLM] = None, **overrides: Any) -> "LikelihoodRerank":
+        """The reranker a ``settings.json`` written by ``llama-rerank tune`` describes (``overrides`` win); with a
+        calibration in it, scores are probabilities and ``min_score`` is one (:mod:`llama_rerank.tune.calibration`)."""
+        from llama_rerank.tune.settings import load
+
+        return load(path, llm, **overrides)
+
 
 @lru_cache(maxsize=32)
 def _scale(items: Tuple[Tuple[str, float], ...]) -> LabelScale:

@@ -54,6 +54,7 @@ def command(args: argparse.Namespace, embed_model: Any) -> int:
     options = dict(
         top_k=args.top_k, top_n=args.top_n, split=args.split, queries_split=args.queries_split, limit_queries=args.limit_queries,
         seed=args.seed, exclude_queries=exclude, llm_spec=args.llm, store=args.store, cache=args.cache, embed_model=embed_model,
+        reranker_settings=getattr(args, "reranker_settings", None),  # from --settings (llama_rerank.cli)
     )  # fmt: skip
     if args.dry_run:
         print(report.estimate_table(estimate(args.path, split_systems(args.systems), prices=args.prices, **options)))

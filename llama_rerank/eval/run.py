@@ -308,6 +308,7 @@ def _plan(
     llm: LLM | None = None,
     progress: bool = True,
     serve: bool = True,
+    reranker_settings: Mapping[str, Any] | None = None,
 ) -> _Plan:
     """Load the dataset, index it (or reuse its index), build the systems and retrieve every query's candidates."""
     if top_k < 1 or top_n < 1:
@@ -324,7 +325,8 @@ def _plan(
     index = build_index(dataset, location, embed_model, progress)
     if llm is None and any(systems.needs_llm(s) for s in system_specs):
         llm = pipeline.make_llm(llm_spec, serve=serve)
-    defaults = pipeline.reranker_defaults(llm_spec)
+    # the likelihood systems' options: a tune's settings.json (`eval --settings`), else those that go with --llm
+    defaults = dict(reranker_settings) if reranker_settings is not None else pipeline.reranker_defaults(llm_spec)
     rerankers = {spec: systems.build(spec, llm, top_k, defaults) for spec in system_specs}
     llm_name = f"{llm_spec}|{llm.metadata.model_name}" if llm is not None else ""
     config = {
