@@ -5,6 +5,10 @@ token where its label starts (the top alternatives there, renormalised over thos
 them, or when the tokens cannot be aligned with the text, it is the label's value. A reversed second pass is
 averaged in; fusion mixes in the first-stage signal. Order is by final score, ties keep retrieval order; unjudged
 candidates (label ``None``) are never cut by ``min_score``.
+
+Only finite numbers come out: a label position whose logprobs include NaN or +inf gives no distribution (that
+candidate gets its label's value), a logprob above 0 counts as 0 and -inf as probability 0; with
+``retrieval_signal="score"`` a NaN or infinite retrieval score counts as the lowest.
 """
 
 from __future__ import annotations
@@ -63,12 +67,14 @@ def label_probabilities(
         position = alternatives
     if position is None:
         return None
+    if any(math.isnan(a.logprob) or a.logprob == math.inf for a in position):
+        return None  # a broken distribution: the label's value is the better guess
     mass: dict[str, float] = {}
     for alternative in position:
         word = _first_word(alternative.token)
         matches = [label for label in scale.labels if word and label.startswith(word)]
         for label in matches:
-            mass[label] = mass.get(label, 0.0) + math.exp(alternative.logprob) / len(matches)
+            mass[label] = mass.get(label, 0.0) + math.exp(min(alternative.logprob, 0.0)) / len(matches)
     return mass or None
 
 
@@ -91,12 +97,14 @@ def average_passes(first: dict[int, Judgement], second: dict[int, Judgement]) ->
 def retrieval_signal(candidates: Sequence[Candidate], kind: str) -> dict[int, float]:
     """First-stage evidence in [0, 1]: min-max normalised retrieval score (``"score"``) or rank (``"rank"``, 1 first).
 
-    ``"score"`` falls back to rank when a candidate has no retrieval score or all scores are equal.
+    ``"score"`` falls back to rank when a candidate has no retrieval score or the finite scores are all equal; a NaN
+    or infinite score counts as the lowest (0).
     """
-    scores = [c.retrieval_score for c in candidates]
-    if kind == "score" and None not in scores and max(scores) > min(scores):  # type: ignore[type-var]
-        low, high = min(scores), max(scores)  # type: ignore[type-var]
-        return {c.index: (c.retrieval_score - low) / (high - low) for c in candidates}  # type: ignore[operator]
+    scores = {c.index: c.retrieval_score for c in candidates}
+    finite = [s for s in scores.values() if s is not None and math.isfinite(s)]
+    if kind == "score" and None not in scores.values() and finite and max(finite) > min(finite):
+        low, high = min(finite) / 2, max(finite) / 2  # halves: the span cannot overflow, even near the float limit
+        return {i: (s / 2 - low) / (high - low) if math.isfinite(s) else 0.0 for i, s in scores.items()}  # type: ignore[arg-type, operator]
     last = max(len(candidates) - 1, 1)
     return {c.index: 1.0 - i / last for i, c in enumerate(candidates)}
 
