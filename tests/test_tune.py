@@ -161,6 +161,7 @@ def test_a_tune_judges_each_window_once_scores_every_weight_and_n_from_it_and_re
     again = ScriptedLLM(script)
     more = tune(out, docs, again, embed_model, weights=(0.0, 0.25, 0.5, 0.75, 0.9), top_ns=(1, 2, 3, 5))
     assert again.prompts == []
+    assert len((out / "judged.jsonl").read_text().splitlines()) == 8  # recorded once: latencies stay the first run's
     assert len(more.tune_scores) == 1 + 5
     assert more.stats["metrics"][NDCG] == result.stats["metrics"][NDCG]
 

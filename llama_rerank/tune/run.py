@@ -24,6 +24,7 @@ from llama_rerank import pipeline, store as stores
 from llama_rerank._extras import require
 from llama_rerank.errors import LlamaRerankError
 from llama_rerank.eval.metrics import MRR, NDCG, paired_tests, recall_key
+from llama_rerank.eval.run import portable
 from llama_rerank.providers import model_identity
 from llama_rerank.tune import calibration, questions as qs, settings as settings_file, sweep
 from llama_rerank.tune.questions import Question
@@ -279,8 +280,8 @@ def tune(
     reranker = {**options, "top_n": top_n, "window_size": w, "retrieval_weight": chosen.setting.weight, "normalize": False}
     if cal["fitted"] is not None:
         reranker["min_score"] = cal["threshold"]
-    fitted_on = {
-        "documents": str(docs) if docs else None, "store": the_plan.location, "collection": the_plan.collection,
+    fitted_on = {  # paths as eval records them: no machine's absolute path
+        "documents": portable(docs) if docs else None, "store": portable(the_plan.location), "collection": the_plan.collection,
         "questions": the_plan.source, "tune_questions": len(tune_qs), "held_out_questions": len(held_qs),
         "judge_llm": llm_spec, "judge_model": model_identity(llm), "embed_model": embed_model.model_name,
     }  # fmt: skip
