@@ -45,13 +45,45 @@ ADAPT = (0.2, 0.4, 0.6)  # spreads of the LLM scores at and above which a query'
 
 def judge_all(
     config: dict, query_ids: list[str], dataset, retriever, llm, cache: Path, reverse: bool, prompt: str,
-    own_prompt: bool, cached_only: bool = False,
+    own_prompt: bool, cached_only: bool = False, head: dict[str, list[dict]] | None = None,
 ) -> dict[str, list[dict]]:
     """Per query, the candidates in retrieval order with the LLM's score and label (cached by query and config).
 
     With ``reverse`` the LLM sees the candidates in reversed order (the second pass of ``reverse_pass=True``); at
-    ``retrieval_weight=0`` the order they are given in changes nothing else.
+    ``retrieval_weight=0`` the order they are given in changes nothing else. ``head``: the same configuration's
+    judgements at a smaller K that fills whole windows; where a query's head is the first of its candidates, only
+    the rest are judged (a window's prompt numbers its own passages, so those judgements are the first windows').
     """
+    done = read_cache(cache)
+    reranker = LikelihoodRerank(llm=llm, top_n=retriever.similarity_top_k, **config)
+    reranker.update_prompts({"rerank_prompt": ChatPromptTemplate.from_messages([("system", SYSTEM_PROMPT), ("user", prompt)])})
+    with cache.open("a") as out:
+        label = json.dumps(config) + (" reversed" if reverse else "") + (" own prompt" if own_prompt else "")
+        for query_id in tqdm([q for q in query_ids if q not in done and not cached_only], desc=label, unit="query"):
+            nodes = retriever.retrieve(dataset.queries[query_id])
+            known = (head or {}).get(query_id, [])
+            if reverse or [(c["doc"], c["retrieval_score"]) for c in known] != [
+                (n.node.metadata["corpus_id"], n.score) for n in nodes[: len(known)]
+            ]:
+                known = []
+            result = reranker.rerank(dataset.queries[query_id], nodes[::-1] if reverse else nodes[len(known) :])
+            by_id = {n.node.node_id: n.node.metadata for n in result.nodes}
+            usage = result.usage
+            cost = {"wall_s": usage.wall_time_s, "calls": usage.llm_calls, "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens, "unparsed": usage.unparsed}  # fmt: skip
+            if known:
+                cost = {key: value + known[0][key] for key, value in cost.items()}
+            candidates = [{key: c[key] for key in ("doc", "retrieval_score", "llm_score", "label")} | cost for c in known] + [
+                {"doc": n.node.metadata["corpus_id"], "retrieval_score": n.score, "llm_score": by_id[n.node.node_id]["rerank_score"],
+                 "label": by_id[n.node.node_id]["rerank_label"], **cost} for n in nodes[len(known) :]]  # fmt: skip
+            done[query_id] = candidates
+            out.write(json.dumps({"query_id": query_id, "candidates": candidates}) + "\n")
+            out.flush()
+    return done
+
+
+def read_cache(cache: Path) -> dict[str, list[dict]]:
+    """A judgement cache's records by query (a torn last line is skipped)."""
     done: dict[str, list[dict]] = {}
     if cache.exists():
         for line in cache.read_text().splitlines():
@@ -60,23 +92,6 @@ def judge_all(
                 done[record["query_id"]] = record["candidates"]
             except (ValueError, KeyError):
                 continue
-    reranker = LikelihoodRerank(llm=llm, top_n=retriever.similarity_top_k, **config)
-    reranker.update_prompts({"rerank_prompt": ChatPromptTemplate.from_messages([("system", SYSTEM_PROMPT), ("user", prompt)])})
-    with cache.open("a") as out:
-        label = json.dumps(config) + (" reversed" if reverse else "") + (" own prompt" if own_prompt else "")
-        for query_id in tqdm([q for q in query_ids if q not in done and not cached_only], desc=label, unit="query"):
-            nodes = retriever.retrieve(dataset.queries[query_id])
-            result = reranker.rerank(dataset.queries[query_id], nodes[::-1] if reverse else nodes)
-            by_id = {n.node.node_id: n.node.metadata for n in result.nodes}
-            usage = result.usage
-            cost = {"wall_s": usage.wall_time_s, "calls": usage.llm_calls, "prompt_tokens": usage.prompt_tokens,
-                    "completion_tokens": usage.completion_tokens, "unparsed": usage.unparsed}  # fmt: skip
-            candidates = [{"doc": n.node.metadata["corpus_id"], "retrieval_score": n.score,
-                           "llm_score": by_id[n.node.node_id]["rerank_score"], "label": by_id[n.node.node_id]["rerank_label"],
-                           **cost} for n in nodes]  # fmt: skip
-            done[query_id] = candidates
-            out.write(json.dumps({"query_id": query_id, "candidates": candidates}) + "\n")
-            out.flush()
     return done
 
 
@@ -126,6 +141,9 @@ def main() -> None:
     parser.add_argument("--cut", type=int, action="append", default=[],
                         help="also sweep each query's first N candidates: what --top-k N gives, whose windows are the "
                              "first windows of this run (window_size 10, so N = 10 reads K = 10 from a K = 20 run)")  # fmt: skip
+    parser.add_argument("--extend-from", type=int, default=None, metavar="K",
+                        help="reuse this configuration's judgements at top-k K (whole windows) as each query's first "
+                             "windows and judge only the rest")  # fmt: skip
     parser.add_argument("--judge-only", action="store_true", help="judge and cache, print no result (held-out queries)")
     parser.add_argument("--fusion", default=None, metavar="SCORING,SIGNAL,W",
                         help="print only this row, e.g. logprobs+mm,rank,0.5 (a held-out report of a chosen setting)")
@@ -143,10 +161,10 @@ def main() -> None:
         config = json.loads(config_text) if config_text.startswith("{") else parse_spec("likelihood:" + config_text)[1]
         passes = []
         for reverse in (False, True)[: 1 + args.reverse]:
-            key = [config, args.top_k, fp] + (["reversed"] if reverse else []) + [prompt]
-            cache = Path(args.out) / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]}.jsonl"
+            cache, head = (cache_path(args.out, config, k, fp, reverse, prompt) for k in (args.top_k, args.extend_from))
             cache.parent.mkdir(parents=True, exist_ok=True)
-            passes.append(judge_all(config, query_ids, dataset, retriever, llm, cache, reverse, prompt, args.prompt is not None, args.cached_only))
+            passes.append(judge_all(config, query_ids, dataset, retriever, llm, cache, reverse, prompt, args.prompt is not None,
+                                    args.cached_only, read_cache(head) if args.extend_from else None))  # fmt: skip
         runs.append((config_text, config, passes))
     if args.judge_only:
         print(f"judged {len(query_ids)} {args.queries_split} queries; results not shown (--judge-only)")
@@ -156,6 +174,12 @@ def main() -> None:
     for k in [args.top_k] + args.cut:
         cut = [(text, config, [{q: judged[q][:k] for q in judged} for judged in passes]) for text, config, passes in runs]
         report(args, cut, query_ids, dataset, llm, k)
+
+
+def cache_path(out: str, config: dict, top_k: int, fp: str, reverse: bool, prompt: str) -> Path:
+    """The judgement cache of one configuration, K, corpus, pass and user message."""
+    key = [config, top_k, fp] + (["reversed"] if reverse else []) + [prompt]
+    return Path(out) / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]}.jsonl"
 
 
 def report(args, runs: list, query_ids: list[str], dataset, llm, k: int) -> None:
