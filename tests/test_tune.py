@@ -387,3 +387,30 @@ def test_the_verdict_says_rerank_only_when_the_gains_interval_is_above_zero():
     assert verdict_of((-0.2, -0.01)).startswith("**Keep the first stage.** Reranking made the order worse.")
     assert verdict_of(None).startswith("**Undecided")
     assert "lower bounds" in verdict_of((0.02, 0.2)) and "lower bounds" not in verdict_of((0.02, 0.2), source="the judged queries of x")
+
+
+# -- judged questions instead of synthetic ones ----------------------------------------------------------------
+
+
+def test_a_question_file_naming_documents_by_file_name_is_scored_on_those_documents(tmp_path, docs, embed_model):
+    found = tmp_path / "questions.jsonl"
+    found.write_text("".join(json.dumps({"query": f"What does the {g} do in the kitchen?", "relevant": [f"{i:02d}-{g}.md"]}) + "\n"
+                             for i, g in enumerate(GADGETS[:6])))  # fmt: skip
+    llm = ScriptedLLM(script)
+    result = tune(tmp_path / "out", docs, llm, embed_model, queries=str(found))
+    assert calls(llm, "questions") == 0 and "questions.jsonl" in result.plan.source
+    by_name = {s.setting.name: s for s in result.tune_scores}
+    assert by_name["K=5 window=5 w=0"].mean(MRR) == 1.0  # a candidate counts as relevant through its file name
+
+
+def test_a_beir_folder_tunes_on_its_own_corpus_and_judged_queries(tmp_path, embed_model):
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": g, "title": "", "text": DOC.format(name=g, action=a, price=1)}) + "\n"
+                                                 for g, a in zip(GADGETS, ACTIONS)))  # fmt: skip
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"What does the {g} do in the kitchen?"}) + "\n"
+                                                  for i, g in enumerate(GADGETS[:6])))  # fmt: skip
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\t{g}\t2\n" for i, g in enumerate(GADGETS[:6])))
+    result = tune(tmp_path / "out", folder, ScriptedLLM(script), embed_model, queries=str(folder))
+    assert len(result.plan.questions) == 6 and result.plan.questions[0].relevant == {"zorblax": 2}
+    assert {s.setting.name: s for s in result.tune_scores}["K=5 window=5 w=0"].mean(NDCG) == 1.0
