@@ -10,6 +10,7 @@ import logging
 import time
 
 import pytest
+from llama_index.core.llms import ChatMessage
 from llama_index.core.schema import NodeWithScore, TextNode
 from llama_index.llms.azure_openai import AzureOpenAI
 from llama_index.llms.openai import OpenAI
@@ -105,11 +106,14 @@ async def test_an_answer_cut_off_by_reasoning_is_asked_again_with_room(caplog):
         PROFILES["openai-reasoning"], reasoning=Reasoning(("minimal", "low"), "low", {"minimal": 900, "low": 900})
     )
     with StubServer(thinker) as stub:
-        result = reranker(openai(stub, logprobs=False, reasoning_effort="minimal")).rerank(QUERY, nodes())
-    assert ranked_first(result) == RELEVANT and result.usage.unparsed == 0
-    budgets = sent(stub, "max_completion_tokens")
-    assert len(budgets) == 3 and budgets[1] > budgets[0] + 2000 and budgets[2] == budgets[1], "grown once, remembered"
-    assert "spent the whole answer budget" in caplog.text
+        rr = reranker(openai(stub, logprobs=False, reasoning_effort="minimal"), window_size=len(TEXTS))
+        result = rr.rerank(QUERY, nodes())
+        first = sent(stub, "max_completion_tokens")
+        again = rr.rerank(QUERY, nodes()[::-1])  # a later, separate call (another prompt: no cache could answer it)
+    assert ranked_first(result) == ranked_first(again) == RELEVANT and result.usage.unparsed == again.usage.unparsed == 0
+    assert len(first) == 2 and first[1] > first[0] + 2000, "the cut-off answer is asked again with more room"
+    assert sent(stub, "max_completion_tokens")[2:] == [first[1]], "the later call starts with the larger budget"
+    assert caplog.text.count("spent the whole answer budget") == 1
 
 
 async def test_azure_openai_deployment_and_api_version():
@@ -254,6 +258,32 @@ async def test_client_retries_do_not_multiply_ours():
         result = reranker(llm, max_retries=1, window_size=len(TEXTS)).rerank(QUERY, nodes())
     assert len(stub.chat_requests) == 2 and result.usage.failed_windows == 1
     assert llm.max_retries == 3, "the user's LLM keeps its own setting for its other uses"
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_client_the_llm_built_before_the_reranker_used_it_does_not_retry_either(mode):
+    """The user's LLM answered once before (so it holds an openai client with max_retries=3): still exactly ours."""
+    with StubServer("openai-chat", script=[Reply()] + [ERRORS[503]] * 10) as stub:
+        llm = openai(stub, max_retries=3)
+        hello = [ChatMessage(role="user", content="hi")]
+        llm.chat(hello) if mode == "sync" else await llm.achat(hello)
+        result = await rerank(reranker(llm, max_retries=1, window_size=len(TEXTS)), mode)
+    assert len(stub.chat_requests) == 1 + 2 and result.usage.failed_windows == 1
+
+
+async def test_the_users_max_tokens_gives_way_to_max_completion_tokens(caplog):
+    """OpenAILike(max_tokens=100) on a reasoning model under a name LlamaIndex does not know (a proxy's alias), which
+    LlamaIndex sends as max_tokens: once that is refused, the user's value must not be sent again (a second refusal
+    would end the rerank with LLMConfigError)."""
+    aliased = dataclasses.replace(PROFILES["openai-reasoning"], model="team-reasoner")
+    with StubServer(aliased) as stub:
+        result = reranker(openai_like(stub, max_tokens=100, logprobs=False, temperature=1.0)).rerank(QUERY, nodes())
+    assert ranked_first(result) == RELEVANT and result.usage.failed_windows == 0
+    bodies = [r.body for r in stub.chat_requests]
+    assert bodies[0]["max_tokens"] == 100
+    adapted = [b for b in bodies if "max_completion_tokens" in b]
+    assert len(adapted) >= 2 and all("max_tokens" not in b for b in adapted)
+    assert caplog.text.count("sending max_completion_tokens instead") == 1
 
 
 async def test_nothing_listening_fails_fast_and_degrades(caplog):
