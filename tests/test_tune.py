@@ -414,3 +414,29 @@ def test_a_beir_folder_tunes_on_its_own_corpus_and_judged_queries(tmp_path, embe
     result = tune(tmp_path / "out", folder, ScriptedLLM(script), embed_model, queries=str(folder))
     assert len(result.plan.questions) == 6 and result.plan.questions[0].relevant == {"zorblax": 2}
     assert {s.setting.name: s for s in result.tune_scores}["K=5 window=5 w=0"].mean(NDCG) == 1.0
+
+
+def test_ctrl_c_ends_the_run_keeps_what_was_judged_and_the_same_command_resumes(tmp_path, docs, monkeypatch, capsys):
+    out = tmp_path / "out"
+    reranks = []
+
+    def interrupted(prompt, call):
+        if QUESTION_ASK not in prompt:
+            reranks.append(call)
+            if len(reranks) == 6:
+                return KeyboardInterrupt()
+        return script(prompt, call)
+
+    argv = ["tune", str(docs), "--out", str(out), "--n-queries", "8", "--top-k", "5", "--window-size", "5"]
+    monkeypatch.setattr("llama_rerank.pipeline.make_llm", lambda spec, **kw: ScriptedLLM(interrupted))
+    assert cli.main(argv) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    kept = (out / "judged.jsonl").read_text().splitlines()
+    assert 1 <= len(kept) < 8 and not (out / "settings.json").exists()
+    llm = ScriptedLLM(script)
+    monkeypatch.setattr("llama_rerank.pipeline.make_llm", lambda spec, **kw: llm)
+    assert cli.main(argv) == 0
+    # windows judged but not yet recorded when Ctrl-C came are served by the judgement cache
+    assert calls(llm, "questions") == 0 and calls(llm, "rerank") <= 8 - len(kept)
+    judged = (out / "judged.jsonl").read_text().splitlines()
+    assert len(judged) == 8 and judged[: len(kept)] == kept
