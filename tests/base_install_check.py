@@ -65,6 +65,15 @@ def main() -> None:
     assert [n.node.get_content() for n in ranked] == ["espresso crema", "grind size"], ranked
     assert llm.prompts, "the scripted LLM was called"
 
+    from llama_rerank.tune import calibration, settings  # a tune's settings.json is loaded and applied without extras
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "settings.json")
+        settings.write(path, {"top_n": 2, "normalize": False, "min_score": 0.6}, 5, {"x": [0.0, 1.0], "y": [0.1, 0.9]}, 0.8, {})
+        ranked = LikelihoodRerank.from_settings(str(path), llm=llm).postprocess_nodes(nodes, query_str="grind for espresso?")
+        assert [(n.node.get_content(), round(n.score, 2)) for n in ranked] == [("espresso crema", 0.9)], ranked
+    expect_missing_extra("eval", lambda: calibration.fit([0.1, 0.9], [False, True]))
+
     from llama_rerank import pipeline, store
     from llama_rerank.eval import metrics
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 from llama_index.core.llms import LLM
 from llama_index.core.schema import NodeWithScore
 
-from llama_rerank.eval.metrics import MRR, NDCG, doc_ranking, per_query, recall_key
+from llama_rerank.eval.metrics import NDCG, doc_ranking, per_query, recall_key
 from llama_rerank.postprocessor import LikelihoodRerank, RerankResult
 from llama_rerank.providers import model_identity
 from llama_rerank.scoring import fuse, order
