@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from llama_rerank.errors import LlamaRerankError
-from llama_rerank.providers import PERMANENT_STATUS, explain, is_llm_failure, status_of
+from llama_rerank.providers import explain, is_llm_failure, is_permanent
 
 WIDTH = 48
 TOP_K, TOP_N = 10, 3
@@ -182,8 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _llm_failure(exc: BaseException, spec: str) -> str:
-    status = status_of(exc)
-    if status in PERMANENT_STATUS:
+    if is_permanent(exc):
         return f"LLMConfigError: {explain(exc, f'--llm {spec}')}"
     return (f"LLM error: --llm {spec} failed ({type(exc).__name__}: {exc}). Is the server running and reachable at that "
             f"address, and the model name right? `llama-rerank check-llm --llm {spec}` tries it with one call.")  # fmt: skip
