@@ -172,9 +172,10 @@ def explain(exc: BaseException, who: str, adapts: bool = False) -> str:
 
 def is_llm_failure(exc: BaseException) -> bool:
     """An error an LLM client raises: it carries an HTTP status, or is a timeout, a connection error, or comes from
-    the openai/httpx stack. The CLI turns these into one line instead of a traceback."""
+    the openai/httpx stack, or is a reply that is no completion. The CLI turns these into one line, not a traceback."""
     module = type(exc).__module__.split(".")[0]
-    return status_of(exc) is not None or isinstance(exc, (TimeoutError, ConnectionError)) or module in ("openai", "httpx", "httpcore")
+    return (status_of(exc) is not None or isinstance(exc, (TimeoutError, ConnectionError))
+            or module in ("openai", "httpx", "httpcore") or not_a_completion(exc))  # fmt: skip
 
 
 def is_openai_family(llm: LLM) -> bool:
