@@ -19,8 +19,8 @@ from pydantic import BaseModel, create_model
 
 from llama_rerank.labels import LabelScale
 from llama_rerank.prompts import DEFAULT_RERANK_PROMPT, prompt_vars, render
-from openai_stub import (DROP, ERRORS, MALFORMED, PROFILES, Reply, StubServer, rate_limited, read_prompt, slow,
-                         tokenize)
+from openai_stub import (DROP, ERRORS, MALFORMED, MISCONFIGURED, PROFILES, Reply, StubServer, rate_limited,
+                         read_prompt, slow, tokenize)
 
 QUERY = "wing flutter at supersonic speed"
 TEXTS = ["Flutter of a swept wing was measured in the tunnel.", "Heat transfer in laminar boundary layers."]
@@ -352,6 +352,21 @@ def test_scripted_errors_reach_the_client_as_its_exception_then_answers_resume(r
                 assert caught.value.response.headers["retry-after"] == reply.headers["Retry-After"]
         assert labels_of(create(stub).choices[0].message.content) == EXPECTED, "the script is used up"
         assert len(stub.chat_requests) == 2
+
+
+def test_misconfigured_replies_reach_the_client_as_the_real_ones_do():
+    """405 and 413 pages are status errors, the quota 429 carries its code, a 200 page comes back as a plain string
+    and other JSON as an object without choices (the openai client checks neither)."""
+    with StubServer("openai-chat", script=[MISCONFIGURED[name] for name in MISCONFIGURED]) as stub:
+        for name in ("405 nginx", "405 json", "413 nginx"):
+            with pytest.raises(openai.APIStatusError) as caught:
+                create(stub)
+            assert caught.value.status_code == int(name[:3])
+        with pytest.raises(openai.RateLimitError) as caught:
+            create(stub)
+        assert caught.value.code == caught.value.type == "insufficient_quota"
+        assert create(stub).startswith("<!doctype html>")
+        assert create(stub).choices is None
 
 
 def test_a_reply_slower_than_the_client_timeout_raises_timeout():
