@@ -94,7 +94,8 @@ def parse_labels(text: str | None, n: int, scale: LabelScale) -> ParsedAnswer:
         between = text[current_end : match.start()]
         if current is not None and 1 <= current <= n and len(between) <= _MAX_GAP and not _NEGATION.search(between):
             if current not in found or (own_line and not found[current][0]):
-                found[current] = (own_line, normalise_label(match.group("label")), (match.start("label"), match.end("label")))
+                span = (match.start("label"), match.end("label"))
+                found[current] = (own_line, normalise_label(match.group("label")), span)
         current = None
     result = ParsedAnswer()
     for i in sorted(found):

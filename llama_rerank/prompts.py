@@ -7,8 +7,8 @@ entities and %-escapes resolved, compatibility forms folded (NFKD: full-width, m
 marks and invisible characters (zero-width space, soft hyphen) dropped, look-alike letters and slashes (Cyrillic
 ``а``, fraction slash) read as what they imitate. Such a tag becomes ``<_passage``/``</_passage``; a passage whose
 tag only appears once entities or %-escapes are resolved is shown resolved. Other text is left exactly as it is
-(the prompt is part of the judgement cache key and of llama.cpp's cached prefix, so it stays deterministic). With structured output the answer's form is also given as a JSON schema (:func:`answer_schema`).
-The template's variables are ``{query}``, ``{num}``, ``{labels}`` and ``{passages}``.
+(the prompt is part of the judgement cache key and of llama.cpp's cached prefix, so it stays deterministic).
+With structured output the answer's form is also given as a JSON schema (:func:`answer_schema`). The template's variables are ``{query}``, ``{num}``, ``{labels}`` and ``{passages}``.
 """
 
 from __future__ import annotations

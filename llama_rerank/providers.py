@@ -138,7 +138,9 @@ def explain(exc: BaseException, who: str, adapts: bool = False) -> str:
                 "base URL points at a web page or another service. Set api_base to the OpenAI-compatible API's base "
                 "URL, which usually ends in /v1 (for example http://localhost:8000/v1).")  # fmt: skip
     status = status_of(exc)
-    said = " ".join(str(getattr(exc, "message", None) or exc).split())
+    body = getattr(exc, "body", None)  # the openai client's parsed error body: its message without the wrapping
+    said = body.get("message") if isinstance(body, dict) else None
+    said = " ".join(str(said if isinstance(said, str) and said else getattr(exc, "message", None) or exc).split())
     said = said if len(said) <= _SAID_MAX else said[:_SAID_MAX] + "..."
     if status == 405:
         fix = ("The API base URL does not lead to an OpenAI-compatible chat API (a web server or another route "

@@ -104,7 +104,8 @@ def retrieval_signal(candidates: Sequence[Candidate], kind: str) -> dict[int, fl
     finite = [s for s in scores.values() if s is not None and math.isfinite(s)]
     if kind == "score" and None not in scores.values() and finite and max(finite) > min(finite):
         low, high = min(finite) / 2, max(finite) / 2  # halves: the span cannot overflow, even near the float limit
-        return {i: (s / 2 - low) / (high - low) if math.isfinite(s) else 0.0 for i, s in scores.items()}  # type: ignore[arg-type, operator]
+        return {i: (s / 2 - low) / (high - low) if math.isfinite(s) else 0.0  # type: ignore[arg-type, operator]
+                for i, s in scores.items()}  # fmt: skip
     last = max(len(candidates) - 1, 1)
     return {c.index: 1.0 - i / last for i, c in enumerate(candidates)}
 

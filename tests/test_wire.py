@@ -194,7 +194,8 @@ async def test_permanent_errors_are_raised_at_once_with_the_fix(status, fix, mod
 @pytest.mark.parametrize(
     "name, fix",
     [("405 nginx", "api_base.*/v1"), ("405 json", "api_base.*/v1"), ("413 nginx", "client_max_body_size"),
-     ("429 quota", "no quota left.*billing"), ("200 html", "not a chat completion.*api_base.*/v1"),
+     ("429 quota", "HTTP 429: You exceeded your current quota.*no quota left.*billing"),
+     ("200 html", "not a chat completion.*api_base.*/v1"),
      ("200 json", "not a chat completion.*api_base.*/v1")],
 )  # fmt: skip
 async def test_misconfiguration_no_retry_can_fix_is_raised_at_once_with_the_fix(name, fix, mode):
