@@ -151,6 +151,15 @@ async def test_top_logprobs_above_the_servers_maximum_is_lowered(caplog):
     assert "refused top_logprobs=10; asking for 3" in caplog.text
 
 
+async def test_a_numeric_label_scale_with_logprobs():
+    five = dataclasses.replace(PROFILES["openai-chat"], judge=lambda query, passage: "5" if "spresso" in passage else "1")
+    with StubServer(five) as stub:
+        scale = {"1": 0.0, "2": 0.25, "3": 0.5, "4": 0.75, "5": 1.0}
+        result = reranker(openai(stub), label_scale=scale).rerank(QUERY, nodes())
+    assert ranked_first(result) == RELEVANT and result.usage.logprob_scored == len(TEXTS)
+    assert {n.node.metadata["rerank_label"] for n in result.nodes[:2]} == {"5"} and 0.5 < result.nodes[0].score < 1
+
+
 async def test_structured_output_with_logprobs():
     with StubServer("openai-chat") as stub:
         result = reranker(openai(stub), structured_output=True).rerank(QUERY, nodes())
