@@ -48,7 +48,7 @@ class Plan:
 
     seed: int = 0
     task_reranks: int = 120
-    tasks: int = 12  # asyncio reranks in flight at once
+    tasks: int = 8  # asyncio reranks in flight at once
     thread_reranks: int = 24
     threads: int = 4
     max_concurrency: int = 4
