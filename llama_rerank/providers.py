@@ -75,15 +75,21 @@ def quota_exhausted(exc: BaseException) -> bool:
     return status_of(exc) == 429 and bool(_error_codes(exc) & QUOTA_CODES)
 
 
+# Where a client reads the openai client's reply, and what it raises when that reply is no chat completion.
+_REPLY_READERS = {
+    "llama_index.llms.openai": (AttributeError, TypeError, IndexError, KeyError),  # 'str' object has no attribute...
+    "langchain_openai": (ValueError, TypeError),  # "Unexpected response type ...", "... null value for 'choices'"
+}
+
+
 def not_a_completion(exc: BaseException) -> bool:
-    """The OpenAI LLM classes failed reading a reply, so it was no chat completion: the openai client hands an HTML
-    page over as a string (``'str' object has no attribute 'choices'``) and JSON without ``choices`` as it is."""
-    if not isinstance(exc, (AttributeError, TypeError, IndexError, KeyError)):
-        return False
+    """An OpenAI-family client failed reading a reply, so it was no chat completion: the openai client hands an HTML
+    page over as a string and JSON without ``choices`` as it is; LlamaIndex's and LangChain's classes then fail."""
     frame = exc.__traceback__
     while frame is not None and frame.tb_next is not None:
         frame = frame.tb_next
-    return frame is not None and str(frame.tb_frame.f_globals.get("__name__")).startswith("llama_index.llms.openai")
+    module = str(frame.tb_frame.f_globals.get("__name__")) if frame is not None else ""
+    return any(module.startswith(name) and isinstance(exc, types) for name, types in _REPLY_READERS.items())
 
 
 def is_permanent(exc: BaseException) -> bool:
@@ -135,8 +141,8 @@ def explain(exc: BaseException, who: str, adapts: bool = False) -> str:
     came through an OpenAI-family class, whose refused options the reranker adapts by itself)."""
     if not_a_completion(exc):
         return (f"{who} answered with something that is not a chat completion ({type(exc).__name__}: {exc}): the API "
-                "base URL points at a web page or another service. Set api_base to the OpenAI-compatible API's base "
-                "URL, which usually ends in /v1 (for example http://localhost:8000/v1).")  # fmt: skip
+                "base URL points at a web page or another service. Set api_base (LangChain: base_url) to the "
+                "OpenAI-compatible API's base URL, which usually ends in /v1 (for example http://localhost:8000/v1).")  # fmt: skip
     status = status_of(exc)
     body = getattr(exc, "body", None)  # the openai client's parsed error body: its message without the wrapping
     said = body.get("message") if isinstance(body, dict) else None

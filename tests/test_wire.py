@@ -216,6 +216,20 @@ async def test_misconfiguration_no_retry_can_fix_is_raised_at_once_with_the_fix(
     assert "<html" not in str(info.value).lower() or len(str(info.value)) < 800, "a web page is not pasted whole"
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["200 html", "200 json"])
+async def test_a_200_that_is_no_completion_is_loud_through_langchains_chat_openai_too(name, mode):
+    from langchain_openai import ChatOpenAI
+
+    from llama_rerank.langchain import LangChainChatLLM
+
+    with StubServer("openai-chat", script=[MISCONFIGURED[name]] * 5) as stub:
+        chat = ChatOpenAI(model=stub.profile.model, base_url=stub.url, api_key="k")
+        with pytest.raises(LLMConfigError, match="not a chat completion.*api_base"):
+            await rerank(reranker(LangChainChatLLM(chat), on_error="fallback", max_retries=3), mode)
+    assert len(stub.chat_requests) == 1
+
+
 async def test_a_rate_limit_429_is_still_transient_next_to_the_quota_one(caplog):
     with StubServer("openai-chat", script=[ERRORS[429]]) as stub:
         result = reranker(openai(stub)).rerank(QUERY, nodes())
