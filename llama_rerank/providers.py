@@ -3,9 +3,9 @@
 Errors: *permanent* ones no retry can fix become :class:`~llama_rerank.errors.LLMConfigError`, naming the cause and
 the fix: HTTP 400, 401, 403, 404 and 422 (a bad key, an unknown model, a parameter the provider refuses), 405 (the
 API base is a web server or another route, not the API), 413 (a proxy refuses a request that large), OpenAI's 429
-with error type or code ``insufficient_quota`` (no credit left: waiting does not help), and a reply that the OpenAI
-LLM classes cannot read as a chat completion (an HTML page or other JSON answered with 200). Everything else
-(timeouts, dropped connections, 408/409, 429 rate limits, 5xx, exception types we do not know) is *transient*:
+with error type or code ``insufficient_quota`` (no credit left: waiting does not help), and a reply that the
+OpenAI-family classes (LlamaIndex's, LangChain's ChatOpenAI) cannot read as a chat completion (an HTML page or other
+JSON answered with 200). Everything else (timeouts, dropped connections, 408/409, 429 rate limits, 5xx, exception types we do not know) is *transient*:
 retried with backoff, then handled by ``on_error``.
 
 Capabilities: :class:`Provider` keeps a private working copy of the user's LLM (the user's own object is never
