@@ -5,8 +5,8 @@ the fix: HTTP 400, 401, 403, 404 and 422 (a bad key, an unknown model, a paramet
 API base is a web server or another route, not the API), 413 (a proxy refuses a request that large), OpenAI's 429
 with error type or code ``insufficient_quota`` (no credit left: waiting does not help), and a reply that the
 OpenAI-family classes (LlamaIndex's, LangChain's ChatOpenAI) cannot read as a chat completion (an HTML page or other
-JSON answered with 200). Everything else (timeouts, dropped connections, 408/409, 429 rate limits, 5xx, exception types we do not know) is *transient*:
-retried with backoff, then handled by ``on_error``.
+JSON answered with 200). Everything else (timeouts, dropped connections, 408/409, 429 rate limits, 5xx, exception
+types we do not know) is *transient*: retried with backoff, then handled by ``on_error``.
 
 Capabilities: :class:`Provider` keeps a private working copy of the user's LLM (the user's own object is never
 changed) and the request options it has been seen to accept. OpenAI-family LLMs (``OpenAI``, ``OpenAILike``,
