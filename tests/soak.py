@@ -203,7 +203,7 @@ def _check(rerank: Rerank, result: Any) -> None:
     rerank.lost, rerank.duplicated = len(set(rerank.ids) - set(ids)), len(ids) - len(set(ids))
 
 
-def _jobs(plan: Plan) -> tuple[list[tuple[Rerank, str, list[NodeWithScore], float]], list[tuple[Rerank, str, list]]]:
+def _jobs(plan: Plan) -> tuple[list[tuple], list[tuple]]:
     """Every rerank's kind, query, nodes and pause/deadline, drawn from the seed before anything runs."""
     rng = random.Random(plan.seed)
     tasks, threads = [], []
@@ -315,11 +315,11 @@ def soak(plan: Plan) -> Figures:
 
     task_jobs, thread_jobs = _jobs(plan)
     sockets_before = _open_sockets()
-    sync_client = httpx.Client(event_hooks={"request": [lambda request: _note_request()]})
-    async_client = httpx.AsyncClient(event_hooks={"request": [_anote_request]})
-    with StubServer("openai-chat") as stub:
-        proxy = FaultProxy(stub.origin, seed=plan.seed, faults=plan.faults, max_faults=plan.max_faults,
-                           duration=plan.fault_seconds, slowest=plan.slowest).start()
+    async_client = httpx.AsyncClient(event_hooks={"request": [_anote_request]})  # closed in its event loop
+    with httpx.Client(event_hooks={"request": [lambda request: _note_request()]}) as sync_client, \
+            StubServer("openai-chat") as stub, \
+            FaultProxy(stub.origin, seed=plan.seed, faults=plan.faults, max_faults=plan.max_faults,
+                       duration=plan.fault_seconds, slowest=plan.slowest) as proxy:
         llm = OpenAILike(model=stub.profile.model, api_base=proxy.url, api_key="k", is_chat_model=True,
                          context_window=8192, http_client=sync_client, async_http_client=async_client)
         reranker = LikelihoodRerank(llm=llm, top_n=plan.passages[1], window_size=plan.window_size,
@@ -334,10 +334,9 @@ def soak(plan: Plan) -> Figures:
         seconds = time.monotonic() - started
         threads_left = [t.name for t in threading.enumerate() if t.ident not in threads_before]
         open_at_end = sum(call.end is None for call in proxy.calls)
-        proxy.close()
+        proxy.close()  # ends any fault still running
         time.sleep(2.0)
         threads_later = [t.name for t in threading.enumerate() if t.ident not in threads_before]
-        sync_client.close()
     sockets_after = _open_sockets()
     calls = [c for c in proxy.calls if c.end is not None]
     peak_proxy, above_proxy = above([(c.start, c.end) for c in calls], plan.max_concurrency, plan.lag)
