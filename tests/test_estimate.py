@@ -32,8 +32,8 @@ def _openai_like(stub):
 def test_the_estimate_matches_what_the_server_counts(options):
     """estimate() against the server's own count of the requests the rerank then sent (not our own counter).
 
-    The server counts as OpenAI does, 3 tokens more per call than our counter's chat overhead (it primes the
-    reply); the tolerance, 2%, is about 4 times that on these prompts, and far below a miscount's error.
+    The server counts as OpenAI does: 3 tokens more per call than our counter (they prime the reply), 1-1.3% of
+    these prompts. The tolerance, 2%, covers that and is far below a miscount's error.
     """
     with _counting_stub() as stub:
         reranker = LikelihoodRerank(llm=_openai_like(stub), **{"window_size": 4, "top_n": 10, **options})
