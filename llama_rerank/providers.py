@@ -13,7 +13,8 @@ changed) and the request options it has been seen to accept. OpenAI-family LLMs 
 ``AzureOpenAI``) get the answer budget, structured output and, for reasoning models, the lowest reasoning effort;
 when the provider refuses ``logprobs``/``top_logprobs``, a temperature, ``max_tokens``, a reasoning effort or
 ``response_format``, :meth:`Provider.adapt` changes that option once for the instance, logs one warning, and the
-request is sent again. Their own client retries are turned off, so ours are the only ones.
+request is sent again. Their own client retries are turned off, so ours are the only ones, and their own
+``max_tokens`` is not sent: each call asks for the budget its answer needs.
 """
 
 from __future__ import annotations
@@ -199,11 +200,15 @@ def _is_reasoning_model(llm: LLM) -> bool:
     return getattr(llm, "model", None) in O1_MODELS
 
 
-def _without_client_retries(llm: LLM) -> LLM:
-    """A copy of an LLM whose own retries are off (ours are the only ones); the original is left as it was."""
-    if not isinstance(getattr(llm, "max_retries", None), int) or llm.max_retries == 0:
+def _working_copy(llm: LLM) -> LLM:
+    """A copy of an OpenAI-family LLM for the reranker's calls; the original is left as it was. Its own retries are
+    off (ours are the only ones), and so is its ``max_tokens``: each call sends the budget it needs, and LlamaIndex
+    would send the LLM's own value instead (a label-sized budget lost, or one a reasoning model refuses)."""
+    update = {name: value for name, value in (("max_retries", 0), ("max_tokens", None))
+              if getattr(llm, name, value) != value}  # fmt: skip
+    if not update:
         return llm
-    copy = llm.model_copy(update={"max_retries": 0})
+    copy = llm.model_copy(update=update)
     for name in ("_client", "_aclient"):  # an openai client the LLM already built carries its own max_retries
         client = getattr(copy, name, None)
         if client is not None and hasattr(client, "with_options"):
@@ -227,7 +232,7 @@ class Provider:
                 f"which sends a JSON schema as response_format; {type(llm).__name__} has no such path. "
                 "Use structured_output=False (the text answer), or OpenAILike for an OpenAI-compatible server."
             )
-        self.llm = _without_client_retries(llm) if self.openai else llm
+        self.llm = _working_copy(llm) if self.openai else llm
         self.structured = structured
         self.reasoning = self.openai and _is_reasoning_model(llm)
         user_effort = getattr(llm, "reasoning_effort", None)
@@ -289,8 +294,6 @@ class Provider:
             return f"temperature={getattr(llm, 'temperature', None)}", "sending the API default temperature (1)"
         if param == "max_tokens" and self.token_param == "max_tokens":
             self.token_param = "max_completion_tokens"
-            if getattr(llm, "max_tokens", None) is not None:
-                self.llm = llm.model_copy(update={"max_tokens": None})
             return "max_tokens", "sending max_completion_tokens instead"
         if param == "reasoning_effort" and self.efforts:
             refused = self.efforts.pop(0)

@@ -295,16 +295,25 @@ async def test_a_client_the_llm_built_before_the_reranker_used_it_does_not_retry
     assert len(stub.chat_requests) == 1 + 2 and result.usage.failed_windows == 1
 
 
+async def test_the_users_max_tokens_is_not_sent_with_the_rerankers_calls():
+    """LlamaIndex sends the LLM's own max_tokens instead of a call's: the reranker's calls carry their own budget."""
+    with StubServer("openai-chat") as stub:
+        llm = openai(stub, max_tokens=3)  # an answer of 3 tokens could not hold the labels
+        result = reranker(llm).rerank(QUERY, nodes())
+    assert ranked_first(result) == RELEVANT and result.usage.unparsed == 0
+    assert all(budget > 3 for budget in sent(stub, "max_tokens")) and llm.max_tokens == 3
+
+
 async def test_the_users_max_tokens_gives_way_to_max_completion_tokens(caplog):
     """OpenAILike(max_tokens=100) on a reasoning model under a name LlamaIndex does not know (a proxy's alias), which
-    LlamaIndex sends as max_tokens: once that is refused, the user's value must not be sent again (a second refusal
-    would end the rerank with LLMConfigError)."""
+    LlamaIndex sends as max_tokens: once that is refused, max_tokens is not sent again (a second refusal would end
+    the rerank with LLMConfigError), and the user's 100 is never sent."""
     aliased = dataclasses.replace(PROFILES["openai-reasoning"], model="team-reasoner")
     with StubServer(aliased) as stub:
         result = reranker(openai_like(stub, max_tokens=100, logprobs=False, temperature=1.0)).rerank(QUERY, nodes())
     assert ranked_first(result) == RELEVANT and result.usage.failed_windows == 0
     bodies = [r.body for r in stub.chat_requests]
-    assert bodies[0]["max_tokens"] == 100
+    assert "max_tokens" in bodies[0] and 100 not in [b.get("max_tokens") for b in bodies]
     adapted = [b for b in bodies if "max_completion_tokens" in b]
     assert len(adapted) >= 2 and all("max_tokens" not in b for b in adapted)
     assert caplog.text.count("sending max_completion_tokens instead") == 1
