@@ -92,7 +92,10 @@ class Judge:
         return render(self.template, self.is_chat, prompt_vars(query, [c.text for c in window], self.scale))
 
     def _cache_key(self, query: str, window: Sequence[Candidate]) -> str | None:
-        return None if self.cache is None else judgement_key(self.cache_scope, self._prompt(query, window))
+        if self.cache is None:
+            return None
+        max_tokens = answer_tokens(len(window), self.scale.labels, self.encode)
+        return judgement_key(self.cache_scope, self._prompt(query, window), max_tokens)
 
     def _reuse(
         self, cached: list[Judgement] | None, window: Sequence[Candidate], out: dict[int, Judgement], usage: RerankUsage
@@ -142,7 +145,7 @@ class Judge:
 
     def _run_window(self, query: str, window: Sequence[Candidate], out: dict[int, Judgement], usage: RerankUsage) -> None:
         key = self._cache_key(query, window)
-        if key is not None and self._reuse(self.cache.get(key, len(window)), window, out, usage):
+        if key is not None and self._reuse(self.cache.get(key, len(window), self.scale), window, out, usage):
             return
         steps = self._steps(query, window, out, usage)
         try:
@@ -157,13 +160,14 @@ class Judge:
         except StopIteration:
             pass
         if key is not None:
-            self.cache.put(key, [out[c.index] for c in window])
+            self.cache.put(key, [out[c.index] for c in window], self.scale)
 
     async def _arun_window(
         self, query: str, window: Sequence[Candidate], out: dict[int, Judgement], usage: RerankUsage
     ) -> None:
         key = self._cache_key(query, window)  # the cache is read and written on a worker thread: stores may block
-        if key is not None and self._reuse(await asyncio.to_thread(self.cache.get, key, len(window)), window, out, usage):
+        cached = None if key is None else await asyncio.to_thread(self.cache.get, key, len(window), self.scale)
+        if self._reuse(cached, window, out, usage):
             return
         steps = self._steps(query, window, out, usage)
         try:
@@ -178,7 +182,7 @@ class Judge:
         except StopIteration:
             pass
         if key is not None:
-            await asyncio.to_thread(self.cache.put, key, [out[c.index] for c in window])
+            await asyncio.to_thread(self.cache.put, key, [out[c.index] for c in window], self.scale)
 
     def _jobs(self, windows: Sequence[Sequence[Candidate]]) -> tuple[list[Job], list[dict[int, Judgement]]]:
         """Each window with the dict its judgements go to and its own usage; the reversed pass's windows follow.
@@ -208,7 +212,7 @@ class Judge:
         estimate = RerankEstimate(windows=len(jobs))
         for window, _, _ in jobs:
             key = self._cache_key(query, window)
-            if key is not None and self.cache.get(key, len(window)) is not None:
+            if key is not None and self.cache.get(key, len(window), self.scale) is not None:
                 estimate.cache_hits += len(window)
                 continue
             estimate.llm_calls += 1

@@ -348,7 +348,7 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
             encode=self._encode,
             reverse_pass=self.reverse_pass,
             cache=self._judgement_cache,
-            cache_scope=cache_scope(llm, self.scale, self.scoring, self.max_passage_tokens, calls.logprobs, calls.structured),
+            cache_scope=cache_scope(calls, self.scale, self.scoring, self.max_passage_tokens, self.followup_calls),
         )
 
     def _passage_budget(self, query: str) -> int:

@@ -18,7 +18,7 @@ from llama_index.core.base.llms.types import (
     LogProb,
     MessageRole,
 )
-from llama_index.core.bridge.pydantic import PrivateAttr
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.custom import CustomLLM
 
 
@@ -78,10 +78,11 @@ class ScriptedLLM(CustomLLM):
     model_name: str = "scripted"
     _script: Script = PrivateAttr()
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
-    prompts: list = []
-    kwargs_seen: list = []
-    in_flight: int = 0
-    max_in_flight: int = 0
+    # what the fake records is not configuration: excluded from dumps (and so from the judgement cache's key)
+    prompts: list = Field(default=[], exclude=True)
+    kwargs_seen: list = Field(default=[], exclude=True)
+    in_flight: int = Field(default=0, exclude=True)
+    max_in_flight: int = Field(default=0, exclude=True)
 
     def __init__(self, script: Script, **kwargs: Any) -> None:
         super().__init__(**kwargs)
