@@ -192,7 +192,15 @@ class FaultProxy:
         return head + b"\r\n\r\n", body
 
     async def _answer(self, request: _Request, writer: asyncio.StreamWriter, call: Call) -> bool:
-        """Reply to one request, with its fault; False when the connection must close."""
+        """Reply to one request, with its fault; False when the connection must close. The call ends as the reply
+        is handed to the socket, or as the answer is given up (the client went away): not when the proxy's loop
+        next gets to it, which may be after a new call of the same client has arrived."""
+        try:
+            return await self._reply(request, writer, call)
+        finally:
+            call.end = time.monotonic()
+
+    async def _reply(self, request: _Request, writer: asyncio.StreamWriter, call: Call) -> bool:
         fault = call.fault = self._draw()
         if fault == "reset":
             _reset(writer)
@@ -235,7 +243,6 @@ class FaultProxy:
                 call = Call(time.monotonic(), query=request.query())
                 self.calls.append(call)
                 prefix, alive = await self._while_connected(reader, self._answer(request, writer, call))
-                call.end = time.monotonic()
                 if not alive:
                     return
         except (OSError, asyncio.IncompleteReadError, asyncio.CancelledError):
