@@ -3,19 +3,20 @@
 The queries share the reranker's one concurrency budget (:mod:`llama_rerank.concurrency`), so a batch never has
 more than ``max_concurrency`` LLM calls in flight, however many queries it holds. Each query degrades on its own
 as a single rerank does (a transient failure keeps that query's retrieval order); an exception a rerank raises (a
-permanent :class:`~llama_rerank.errors.LLMConfigError`, or ``on_error="raise"``) stops the batch: queries not yet
-started are cancelled and the exception propagates. ``on_result`` sees each result as soon as its query finishes
-(on the thread or in the task that ran it), so a caller can save work before a long batch ends.
+permanent :class:`~llama_rerank.errors.LLMConfigError`, or ``on_error="raise"``), a cancellation or Ctrl-C stops
+the batch: every query still running is cancelled, none starts another LLM call, and the exception propagates.
+Both paths run the queries as tasks of one event loop (the sync one in a loop of its own, see
+:mod:`llama_rerank.concurrency`). ``on_result`` sees each result as soon as its query finishes, in that loop, so a
+caller can save work before a long batch ends.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 
 from llama_index.core.schema import NodeWithScore, QueryBundle
+
+from llama_rerank.concurrency import all_or_none, run_blocking
 
 PROGRESS_FROM = 5  # with progress=None, batches of at least this many queries show a progress bar
 
@@ -45,30 +46,14 @@ def _bar(total: int, progress: Optional[bool]) -> Any:
 
 
 def run_batch(
-    rerank: Callable[[Any, Sequence[NodeWithScore]], Result],
+    arerank: Callable[[Any, Sequence[NodeWithScore]], Awaitable[Result]],
     queries: Sequence[Any],
     node_lists: Sequence[Sequence[NodeWithScore]],
-    workers: int,
     progress: Optional[bool],
     on_result: Optional[OnResult] = None,
 ) -> list[Result]:
-    """``rerank`` on each (query, nodes) pair, ``workers`` queries at a time on threads."""
-    if not queries:
-        return []
-    with _bar(len(queries), progress) as bar, ThreadPoolExecutor(min(workers, len(queries)), "llama-rerank-batch") as pool:
-
-        def one(position: int) -> Result:
-            result = rerank(queries[position], node_lists[position])
-            _done(bar, on_result, position, result)
-            return result
-
-        futures: list[Future[Result]] = [pool.submit(contextvars.copy_context().run, one, i) for i in range(len(queries))]
-        try:
-            return [future.result() for future in futures]
-        except BaseException:
-            for future in futures:  # queries not started are dropped; those running finish (and are reported)
-                future.cancel()
-            raise
+    """Blocking :func:`arun_batch` (the LLM's sync methods, on threads)."""
+    return run_blocking(arun_batch, arerank, queries, node_lists, progress, on_result)
 
 
 async def arun_batch(
@@ -88,13 +73,7 @@ async def arun_batch(
             _done(bar, on_result, position, result)
             return result
 
-        tasks = [asyncio.ensure_future(one(i)) for i in range(len(queries))]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            raise
+        return await all_or_none(one(i) for i in range(len(queries)))
 
 
 def _done(bar: Any, on_result: Optional[OnResult], position: int, result: Any) -> None:

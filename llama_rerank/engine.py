@@ -1,31 +1,29 @@
 """Runs the windows: prompt -> LLM -> parse -> judgements, with follow-ups and the failure policy.
 
-One window's steps are written once, as a generator that yields prompts and receives replies (or the error that
-ended the call); the sync path drives windows on a thread pool and the async path with ``asyncio`` tasks. Every
-call holds a slot of the reranker's :class:`~llama_rerank.concurrency.CallLimit`, shared by all its concurrent
-runs, so ``max_concurrency`` bounds the calls in flight across queries, threads and event loops (except a sync
-call made on an event loop's own thread, which gets a limit of its own: see :meth:`Judge.judge`). Windows are
-independent: labels are absolute, not relative to the window. With ``reverse_pass`` every window is judged a
-second time in reversed order, concurrently with the first pass, and the two scores are averaged. With a
-judgement cache (:mod:`llama_rerank.cache`) a window found there makes no LLM call, and a window whose every
+One window's steps are one coroutine (:meth:`Judge._run_window`); a rerank runs its windows as concurrent tasks
+(:func:`~llama_rerank.concurrency.all_or_none`), awaited by ``arerank`` and run to completion in an event loop of
+their own by ``rerank``, so both paths share one set of rules: a permanent error or a cancellation stops every
+window, and windows not started never call the LLM. Every request holds a slot of the reranker's
+:class:`~llama_rerank.concurrency.CallLimit`, shared by all its concurrent runs, so ``max_concurrency`` bounds the
+calls in flight across queries, threads and event loops. Windows are independent: labels are absolute, not
+relative to the window. With ``reverse_pass`` every window is judged a second time in reversed order, concurrently
+with the first pass, and the two scores are averaged. With a judgement cache (:mod:`llama_rerank.cache`, read and
+written on a thread, since stores may block) a window found there makes no LLM call, and a window whose every
 candidate was labelled is stored.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from typing import Generator, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 from llama_index.core.prompts import BasePromptTemplate
 
 from llama_rerank.budget import Encode, answer_tokens
 from llama_rerank.cache import JudgementCache, judgement_key
-from llama_rerank.concurrency import CallLimit
+from llama_rerank.concurrency import CallLimit, all_or_none, in_thread, run_blocking
 from llama_rerank.errors import LLMConfigError, RerankLLMError
 from llama_rerank.labels import LabelScale
 from llama_rerank.llm import LLMCaller, LLMReply
@@ -36,9 +34,7 @@ from llama_rerank.types import Candidate, Judgement, RerankEstimate, RerankUsage
 
 logger = logging.getLogger(__name__)
 
-Prompt = tuple[object, int, dict]  # rendered prompt, answer max_tokens, the answer's JSON schema
 Job = tuple[Sequence[Candidate], dict[int, Judgement], RerankUsage]  # a window, where its judgements go, its usage
-WindowSteps = Generator[Prompt, "LLMReply | Exception", None]
 
 
 @dataclass
@@ -58,35 +54,51 @@ class Judge:
     cache: JudgementCache | None = None
     cache_scope: str = ""  # what besides the prompt decides a judgement (llama_rerank.cache.cache_scope)
 
-    def _steps(
+    async def _run_window(
         self, query: str, window: Sequence[Candidate], out: dict[int, Judgement], usage: RerankUsage
-    ) -> WindowSteps:
+    ) -> None:
+        key = self._cache_key(query, window)
+        cached = None if key is None else await in_thread(lambda: self.cache.get(key, len(window), self.scale))
+        if self._reuse(cached, window, out, usage):
+            return
+        pending = await self._judge_window(query, window, out, usage)
+        if pending:
+            usage.unparsed += len(pending)
+            logger.warning(
+                "LLM gave no readable label for %d of %d candidates (retrieval ranks %s) after %d follow-up call(s); "
+                "they keep retrieval order with the neutral score %g",
+                len(pending), len(window), [c.index + 1 for c in pending], self.followups, self.scale.neutral,
+            )  # fmt: skip
+            for c in pending:
+                out[c.index] = Judgement(None, self.scale.neutral, "unparsed")
+        if key is not None:
+            await in_thread(lambda: self.cache.put(key, [out[c.index] for c in window], self.scale))
+
+    async def _judge_window(
+        self, query: str, window: Sequence[Candidate], out: dict[int, Judgement], usage: RerankUsage
+    ) -> list[Candidate]:
+        """Call, read, and call again for what the answer left unlabelled; return the candidates still unlabelled."""
         pending = list(window)
         for round_ in range(self.followups + 1):
-            result = yield (
-                self._prompt(query, pending),
-                answer_tokens(len(pending), self.scale.labels, self.encode),
-                answer_schema(len(pending), self.scale),
-            )
-            if isinstance(result, Exception):
-                self._fail(pending, result, out, usage)
-                return
+            try:
+                reply = await self.caller.acall(
+                    self._prompt(query, pending),
+                    answer_tokens(len(pending), self.scale.labels, self.encode),
+                    answer_schema(len(pending), self.scale),
+                    self.limit,
+                )
+            except Exception as exc:  # noqa: BLE001 - the policy in _fail decides (cancellation is no Exception)
+                self._fail(pending, exc, out, usage)
+                return []
             usage.llm_calls += 1
             usage.followup_calls += round_ > 0
-            usage.prompt_tokens += result.prompt_tokens
-            usage.completion_tokens += result.completion_tokens
-            usage.retries += result.retries
-            pending = self._read(result, pending, out, usage)
+            usage.prompt_tokens += reply.prompt_tokens
+            usage.completion_tokens += reply.completion_tokens
+            usage.retries += reply.retries
+            pending = self._read(reply, pending, out, usage)
             if not pending:
-                return
-        usage.unparsed += len(pending)
-        logger.warning(
-            "LLM gave no readable label for %d of %d candidates (retrieval ranks %s) after %d follow-up call(s); "
-            "they keep retrieval order with the neutral score %g",
-            len(pending), len(window), [c.index + 1 for c in pending], self.followups, self.scale.neutral,
-        )  # fmt: skip
-        for c in pending:
-            out[c.index] = Judgement(None, self.scale.neutral, "unparsed")
+                break
+        return pending
 
     def _prompt(self, query: str, window: Sequence[Candidate]) -> object:
         return render(self.template, self.is_chat, prompt_vars(query, [c.text for c in window], self.scale))
@@ -143,47 +155,6 @@ class Judge:
         for c in pending:
             out[c.index] = Judgement(None, self.scale.neutral, "failed")
 
-    def _run_window(self, query: str, window: Sequence[Candidate], out: dict[int, Judgement], usage: RerankUsage) -> None:
-        key = self._cache_key(query, window)
-        if key is not None and self._reuse(self.cache.get(key, len(window), self.scale), window, out, usage):
-            return
-        steps = self._steps(query, window, out, usage)
-        try:
-            prompt = next(steps)
-            while True:
-                try:
-                    with self.limit:
-                        reply: LLMReply | Exception = self.caller.call(*prompt)
-                except Exception as exc:  # noqa: BLE001 - the policy in _fail decides
-                    reply = exc
-                prompt = steps.send(reply)
-        except StopIteration:
-            pass
-        if key is not None:
-            self.cache.put(key, [out[c.index] for c in window], self.scale)
-
-    async def _arun_window(
-        self, query: str, window: Sequence[Candidate], out: dict[int, Judgement], usage: RerankUsage
-    ) -> None:
-        key = self._cache_key(query, window)  # the cache is read and written on a worker thread: stores may block
-        cached = None if key is None else await asyncio.to_thread(self.cache.get, key, len(window), self.scale)
-        if self._reuse(cached, window, out, usage):
-            return
-        steps = self._steps(query, window, out, usage)
-        try:
-            prompt = next(steps)
-            while True:
-                try:
-                    async with self.limit:
-                        reply: LLMReply | Exception = await self.caller.acall(*prompt)
-                except Exception as exc:  # noqa: BLE001 - the policy in _fail decides
-                    reply = exc
-                prompt = steps.send(reply)
-        except StopIteration:
-            pass
-        if key is not None:
-            await asyncio.to_thread(self.cache.put, key, [out[c.index] for c in window], self.scale)
-
     def _jobs(self, windows: Sequence[Sequence[Candidate]]) -> tuple[list[Job], list[dict[int, Judgement]]]:
         """Each window with the dict its judgements go to and its own usage; the reversed pass's windows follow.
 
@@ -222,41 +193,13 @@ class Judge:
         return estimate
 
     def judge(self, query: str, windows: Sequence[Sequence[Candidate]], usage: RerankUsage) -> dict[int, Judgement]:
-        """Judge every candidate, windows in parallel on threads within the shared limit.
-
-        Called on a thread that runs an event loop (blocking code inside async code), the call gets a limit of its
-        own: tasks of that loop may hold shared slots, and they cannot give them back while the loop is blocked.
-        """
-        if _runs_an_event_loop():
-            return replace(self, limit=CallLimit(self.limit.size))._judge_on_threads(query, windows, usage)
-        return self._judge_on_threads(query, windows, usage)
-
-    def _judge_on_threads(
-        self, query: str, windows: Sequence[Sequence[Candidate]], usage: RerankUsage
-    ) -> dict[int, Judgement]:
-        jobs, passes = self._jobs(windows)
-        workers = min(self.limit.size, len(jobs))
-        if workers <= 1:
-            for window, out, job_usage in jobs:
-                self._run_window(query, window, out, job_usage)
-        else:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llama-rerank") as pool:
-                # each window runs in a copy of this context, so LlamaIndex spans nest under the rerank span
-                futures = [pool.submit(contextvars.copy_context().run, self._run_window, query, *job) for job in jobs]
-                for future in futures:
-                    future.result()
-        return self._merge(jobs, passes, usage)
+        """Blocking :meth:`ajudge` (the LLM's sync methods, on threads)."""
+        return run_blocking(self.ajudge, query, windows, usage)
 
     async def ajudge(self, query: str, windows: Sequence[Sequence[Candidate]], usage: RerankUsage) -> dict[int, Judgement]:
-        """Judge every candidate with concurrent async calls, as many at a time as the shared limit allows."""
+        """Judge every candidate with concurrent windows, as many calls at a time as the shared limit allows."""
         jobs, passes = self._jobs(windows)
-        tasks = [asyncio.ensure_future(self._arun_window(query, *job)) for job in jobs]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:  # a permanent error (or cancellation) stops the other windows too
-                task.cancel()
-            raise
+        await all_or_none(self._run_window(query, *job) for job in jobs)
         return self._merge(jobs, passes, usage)
 
 
@@ -266,10 +209,3 @@ def _answer(n: int, label: str, structured: bool) -> str:
         return json.dumps({str(i): label for i in range(1, n + 1)})
     return "\n".join(f"[{i}] {label}" for i in range(1, n + 1))
 
-
-def _runs_an_event_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True

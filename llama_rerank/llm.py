@@ -1,25 +1,29 @@
-"""One LLM call per prompt, sync or async: timeout, retries of transient errors, adaptation, logprobs, token counts.
+"""One LLM call per prompt: timeout, retries of transient errors, adaptation, logprobs, token counts.
 
-A call is an *exchange* (:meth:`LLMCaller._exchange`, written once for both paths): send; on a refused option,
-let the :class:`~llama_rerank.providers.Provider` adapt and send again; on an empty answer cut off by the token
-budget (or one cut short after visible reasoning), send once more with room to think; on a permanent error, raise
-:class:`~llama_rerank.errors.LLMConfigError`. Transient errors leave the exchange and are retried around it with
-backoff (honouring ``Retry-After``), at most ``max_retries`` times.
+A call (:meth:`LLMCaller.acall`) sends; on a refused option, lets the :class:`~llama_rerank.providers.Provider`
+adapt and sends again; on an empty answer cut off by the token budget (or one cut short after visible reasoning),
+sends once more with room to think; on a permanent error, raises :class:`~llama_rerank.errors.LLMConfigError`.
+Transient errors (ordinary exceptions only: cancellation and Ctrl-C are never retried) are retried around that
+with backoff, honouring ``Retry-After``, at most ``max_retries`` times. Each request takes a slot of the shared
+:class:`~llama_rerank.concurrency.CallLimit` and is bounded by ``timeout``; a sync caller's requests, and those to
+an LLM whose async methods are LlamaIndex's ``CustomLLM`` defaults (they would call the sync ones on the event
+loop), run on threads (:mod:`llama_rerank.concurrency`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
-import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Sequence
+from typing import Any, Sequence
 
 from llama_index.core.base.llms.types import ChatMessage, LogProb
-from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+from llama_index.core.llms import LLM
+from llama_index.core.llms.custom import CustomLLM
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from llama_rerank.budget import Encode
+from llama_rerank.concurrency import CallLimit, blocking, in_thread, limit_for, run_blocking
 from llama_rerank.errors import LLMConfigError
 from llama_rerank.parse import answer_part
 from llama_rerank.providers import Provider, explain, is_permanent, model_identity, retry_after
@@ -28,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 Prompt = Sequence[ChatMessage] | str
 MAX_RESENDS = 6  # adaptations and the one budget increase within one call; each changes something, so few are needed
-Exchange = Generator[dict[str, Any], Any, Any]  # yields kwargs, receives the response or the exception
+MAX_RETRY_AFTER = 60.0  # seconds: the longest Retry-After honoured
 
 
 @dataclass
@@ -50,35 +54,31 @@ class _Wait:
 
     def __call__(self, state: RetryCallState) -> float:
         asked = retry_after(state.outcome.exception() if state.outcome else None)
-        return min(asked, 60.0) if asked is not None else self._backoff(state)
+        return min(asked, MAX_RETRY_AFTER) if asked is not None else self._backoff(state)
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Ordinary errors are retried, except a permanent one; cancellation and Ctrl-C (``BaseException``) never are."""
+    return isinstance(exc, Exception) and not isinstance(exc, LLMConfigError)
+
+
+async def _sleep(seconds: float) -> None:
+    """The wait between retries (a seam for tests: they record the wait asked for instead of waiting)."""
+    await asyncio.sleep(seconds)
 
 
 def _log_retry(state: RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
-    logger.warning("LLM call failed (attempt %d): %s: %s; retrying", state.attempt_number, type(exc).__name__, exc)
+    wait = state.next_action.sleep if state.next_action else 0.0
+    logger.warning(
+        "LLM call failed (attempt %d): %s: %s; retrying in %.1f s", state.attempt_number, type(exc).__name__, exc, wait
+    )
 
 
-def _run_with_timeout(fn: Callable[[], Any], timeout: float | None) -> Any:
-    """Run ``fn`` in this thread, or in a helper thread we stop waiting for after ``timeout`` seconds."""
-    if timeout is None:
-        return fn()
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed back to the caller below
-            box["error"] = exc
-
-    context = contextvars.copy_context()
-    thread = threading.Thread(target=context.run, args=(target,), daemon=True, name="llama-rerank-llm-call")
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise TimeoutError(f"LLM call did not answer within {timeout:g} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+def _native_async(llm: LLM, chat: bool) -> bool:
+    """False when the LLM's async method is ``CustomLLM``'s default, which calls the sync one on the event loop."""
+    name = "achat" if chat else "acomplete"
+    return getattr(type(llm), name) is not getattr(CustomLLM, name)
 
 
 def _raw_choice(response: Any, field: str) -> Any:
@@ -139,83 +139,68 @@ class LLMCaller:
         self.max_retries = max_retries
         self.timeout = timeout
 
-    def _retrying(self, cls: type) -> Any:
-        return cls(
-            stop=stop_after_attempt(self.max_retries + 1),
-            wait=_Wait(),
-            retry=retry_if_exception(lambda exc: not isinstance(exc, LLMConfigError)),
-            before_sleep=_log_retry,
-            reraise=True,
-        )
+    async def _request(self, prompt: Prompt, kwargs: dict[str, Any], limit: CallLimit | None) -> Any:
+        """One request, holding a slot of ``limit`` until it ends and bounded by ``timeout``.
 
-    def _exchange(self, max_tokens: int, schema: dict[str, Any] | None) -> Exchange:
+        A sync caller's requests, and those to an LLM without an async path of its own, run on a thread, which
+        keeps the slot until the request really returns, even after the timeout has abandoned it; an async
+        request is cancelled at the timeout.
+        """
+        llm, chat = self.provider.llm, not isinstance(prompt, str)
+        slot = await limit_for(limit).acquire() if limit is not None else None
+        try:
+            if blocking() or not _native_async(llm, chat):
+                send = (lambda: llm.chat(list(prompt), **kwargs)) if chat else (lambda: llm.complete(prompt, **kwargs))
+                request, slot = in_thread(send, slot), None  # the thread gives the slot back
+            else:
+                request = llm.achat(list(prompt), **kwargs) if chat else llm.acomplete(prompt, **kwargs)
+            return await asyncio.wait_for(request, self.timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"LLM call did not answer within {self.timeout:g} s") from None
+        finally:
+            if slot is not None:
+                slot.release()
+
+    async def _send(self, prompt: Prompt, max_tokens: int, schema: dict[str, Any] | None, limit: CallLimit | None) -> Any:
         """Send, adapt and resend until there is an answer; raise what retrying cannot fix."""
         provider, grown = self.provider, False
         for _ in range(MAX_RESENDS):
             version = provider.version
-            outcome = yield provider.kwargs(max_tokens, schema, grown)
-            if isinstance(outcome, Exception):
-                if provider.adapt(outcome, version):
+            try:
+                response = await self._request(prompt, provider.kwargs(max_tokens, schema, grown), limit)
+            except Exception as exc:
+                if provider.adapt(exc, version):
                     continue
-                if is_permanent(outcome):
-                    raise LLMConfigError(explain(outcome, model_identity(provider.original), provider.openai)) from outcome
-                raise outcome
-            if provider.openai and not grown and _cut_off_while_thinking(outcome):
+                if is_permanent(exc):
+                    raise LLMConfigError(explain(exc, model_identity(provider.original), provider.openai)) from exc
+                raise
+            if provider.openai and not grown and _cut_off_while_thinking(response):
                 grown = True
                 provider.grow()
                 continue
-            return outcome
+            return response
         raise LLMConfigError(f"{model_identity(provider.original)} kept refusing the request after {MAX_RESENDS} adaptations")
 
-    def _request(self, prompt: Prompt, kwargs: dict[str, Any]) -> Any:
-        llm = self.provider.llm
-        return llm.complete(prompt, **kwargs) if isinstance(prompt, str) else llm.chat(list(prompt), **kwargs)
-
-    async def _arequest(self, prompt: Prompt, kwargs: dict[str, Any]) -> Any:
-        llm = self.provider.llm
-        coroutine = llm.acomplete(prompt, **kwargs) if isinstance(prompt, str) else llm.achat(list(prompt), **kwargs)
-        try:
-            return await asyncio.wait_for(coroutine, self.timeout)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"LLM call did not answer within {self.timeout:g} s") from None
-
-    def _send(self, prompt: Prompt, max_tokens: int, schema: dict[str, Any] | None) -> Any:
-        exchange = self._exchange(max_tokens, schema)
-        kwargs = next(exchange)
-        while True:
-            try:
-                outcome = _run_with_timeout(lambda: self._request(prompt, kwargs), self.timeout)
-            except Exception as exc:  # noqa: BLE001 - the exchange decides
-                outcome = exc
-            try:
-                kwargs = exchange.send(outcome)
-            except StopIteration as done:
-                return done.value
-
-    async def _asend(self, prompt: Prompt, max_tokens: int, schema: dict[str, Any] | None) -> Any:
-        exchange = self._exchange(max_tokens, schema)
-        kwargs = next(exchange)
-        while True:
-            try:
-                outcome = await self._arequest(prompt, kwargs)
-            except Exception as exc:  # noqa: BLE001 - the exchange decides
-                outcome = exc
-            try:
-                kwargs = exchange.send(outcome)
-            except StopIteration as done:
-                return done.value
+    async def acall(
+        self, prompt: Prompt, max_tokens: int, schema: dict[str, Any] | None = None, limit: CallLimit | None = None
+    ) -> LLMReply:
+        """One answer for ``prompt``: raises ``LLMConfigError`` at once, or the last transient error after every
+        retry; cancellation ends it at once and is never retried. Each request holds a slot of ``limit``; the
+        sleeps between retries hold none."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.max_retries + 1),
+            wait=_Wait(),
+            retry=retry_if_exception(_retryable),
+            before_sleep=_log_retry,
+            sleep=_sleep,
+            reraise=True,
+        )
+        response = await retrying(self._send, prompt, max_tokens, schema, limit)
+        return self._reply(prompt, response, retrying.statistics.get("attempt_number", 1) - 1)
 
     def call(self, prompt: Prompt, max_tokens: int, schema: dict[str, Any] | None = None) -> LLMReply:
-        """Blocking call; raises ``LLMConfigError`` at once, or the last transient error after every retry."""
-        retrying = self._retrying(Retrying)
-        response = retrying(self._send, prompt, max_tokens, schema)
-        return self._reply(prompt, response, retrying.statistics.get("attempt_number", 1) - 1)
-
-    async def acall(self, prompt: Prompt, max_tokens: int, schema: dict[str, Any] | None = None) -> LLMReply:
-        """Async :meth:`call`; a request that exceeds the timeout is cancelled and retried."""
-        retrying = self._retrying(AsyncRetrying)
-        response = await retrying(self._asend, prompt, max_tokens, schema)
-        return self._reply(prompt, response, retrying.statistics.get("attempt_number", 1) - 1)
+        """Blocking :meth:`acall` (the LLM's sync methods, on a thread)."""
+        return run_blocking(self.acall, prompt, max_tokens, schema)
 
     def _reply(self, prompt: Prompt, response: Any, retries: int) -> LLMReply:
         text, logprobs = _answer(response)

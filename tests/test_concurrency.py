@@ -61,81 +61,89 @@ def test_threads_and_several_event_loops_share_one_budget():
 def test_a_new_max_concurrency_takes_effect_and_copies_get_their_own_budget():
     llm = ScriptedLLM(_slow)
     reranker, nodes = _reranker(llm), make_nodes([f"passage {i}" for i in range(6)])
+    reranker.rerank("q", nodes)  # the limit of 3 now exists and has been used
+    assert llm.max_in_flight == 3
     reranker.max_concurrency = 1
+    llm.max_in_flight = 0
     reranker.rerank("q", nodes)
     assert llm.max_in_flight == 1
     alone = LikelihoodRerank(max_concurrency=2)  # (the scripted LLM itself cannot be deep-copied)
     limit = alone._call_limit
     twin = copy.deepcopy(alone)
-    assert twin._limit is not limit and twin._limit.size == 2 and alone._call_limit is limit
+    assert twin._call_limit is not limit and twin._call_limit.size == 2 and alone._call_limit is limit
 
 
 # the limit on its own ----------------------------------------------------------------------------------------------
 
 
-def test_limit_holds_across_threads_and_loops_and_serves_in_arrival_order():
+def test_limit_holds_across_loops_on_several_threads_and_serves_in_arrival_order():
     limit, lock = CallLimit(2), threading.Lock()
     held, most, order = [0], [0], []
 
-    def hold(name):
+    async def one(name):
+        slot = await limit.acquire()
         with lock:
             held[0] += 1
             most[0] = max(most[0], held[0])
             order.append(name)
-        threading.Event().wait(0.02)
+        await asyncio.sleep(0.02)
         with lock:
             held[0] -= 1
+        slot.release()
 
-    def on_thread(name):
-        with limit:
-            hold(name)
-
-    async def in_loop(name):
-        async with limit:
-            await asyncio.to_thread(hold, name)
-
-    limit.acquire()  # everyone below queues behind this
-    limit.acquire()
+    holder = asyncio.new_event_loop()  # holds two slots; everyone below queues behind them
+    first = [holder.run_until_complete(limit.acquire()) for _ in range(2)]
     threads = []
-    for i in range(6):
-        target = (lambda n=i: on_thread(n)) if i % 2 else (lambda n=i: asyncio.run(in_loop(n)))
-        threads.append(threading.Thread(target=target))
+    for i in range(6):  # each in an event loop of its own, on a thread of its own
+        threads.append(threading.Thread(target=asyncio.run, args=(one(i),)))
         threads[-1].start()
         while len(limit._queue) < i + 1:  # wait until it is queued, so the arrival order is known
             threading.Event().wait(0.005)
-    limit.release()
-    limit.release()
+    for slot in first:  # released from another thread than the loops waiting for them
+        slot.release()
     for t in threads:
         t.join()
+    holder.close()
     assert most[0] == 2 and sorted(order) == list(range(6))
     assert set(order[:2]) == {0, 1}  # the two first in line were served first
-    assert limit._free == 2 and not limit._queue
+    assert limit.in_use == 0 and not limit._queue
 
 
 async def test_a_cancelled_waiter_does_not_leak_a_slot():
     limit = CallLimit(1)
-    await limit.aacquire()
-    waiting = asyncio.ensure_future(limit.aacquire())
+    slot = await limit.acquire()
+    waiting = asyncio.ensure_future(limit.acquire())
     await asyncio.sleep(0.01)
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
-    limit.release()
-    await asyncio.wait_for(limit.aacquire(), 1)  # the slot came back
+    slot.release()
+    slot.release()  # a second release changes nothing
+    await asyncio.wait_for(limit.acquire(), 1)  # the slot came back
+    assert limit.in_use == 1
 
 
 async def test_a_slot_handed_to_a_task_cancelled_meanwhile_passes_on():
     limit = CallLimit(1)
-    await limit.aacquire()
-    first = asyncio.ensure_future(limit.aacquire())
-    second = asyncio.ensure_future(limit.aacquire())
+    slot = await limit.acquire()
+    first = asyncio.ensure_future(limit.acquire())
+    second = asyncio.ensure_future(limit.acquire())
     await asyncio.sleep(0.01)
-    limit.release()  # granted to ``first`` ...
+    slot.release()  # granted to ``first`` ...
     first.cancel()  # ... which is cancelled before it runs again
     with pytest.raises(asyncio.CancelledError):
         await first
     await asyncio.wait_for(second, 1)
-    assert limit._free == 0 and not limit._queue
+    assert limit.in_use == 1 and not limit._queue
+
+
+def test_a_slot_held_by_a_closed_event_loop_is_taken_back():
+    limit = CallLimit(1)
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(limit.acquire())  # held by ``loop`` ...
+    loop.close()  # ... which is closed without giving it back
+    asyncio.run(asyncio.wait_for(limit.acquire(), 5))
+    assert limit.in_use == 1
 
 
 def test_limit_needs_a_slot():
