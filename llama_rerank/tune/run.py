@@ -262,8 +262,9 @@ def tune(
                 continue
             began = clock()
             judged[(k, w)] = judging.judge(k, w, tune_qs, the_plan.retrieved, bar.update)
-            if todo and pace is None:
-                pace = (clock() - began) / len(todo) * first_k / k
+            if pace is None:  # measured, or for a resumed pair its recorded per-question times (overlapping: an overestimate)
+                spent = clock() - began if todo else sum(r.latency_s for r in judged[(k, w)].values())
+                pace = spent / (len(todo) or len(tune_qs)) * first_k / k
         scores = [sweep.score(sweep.Setting(max(top_ks), None, None), _first(tune_qs, the_plan, max(top_ks)), tune_qs, top_ns)]
         for (k, w), by_query in judged.items():
             scores += [sweep.score(sweep.Setting(k, w, weight), by_query, tune_qs, top_ns) for weight in weights]
