@@ -2,7 +2,7 @@
 
 Reuse is per window: a window's judgements are stored under :func:`judgement_key`, the hash of everything that
 changes them: the model (its class, name and API base) and every option a request to it carries (each field of the
-LLM but credentials and transport settings, so temperature, top_logprobs, logprobs, token limits,
+LLM's working copy but credentials and transport settings, so temperature, top_logprobs, logprobs,
 ``additional_kwargs`` such as seed or top_p, reasoning effort; and what the reranker adds to each request: the
 answer's token limit, reasoning effort and room, a temperature the provider forced, structured output), the label
 scale, the scoring mode, the passage budget, the follow-up calls, and the window's first prompt as rendered (the
@@ -197,8 +197,8 @@ def _stable(value: Any) -> Any:
 
 def model_key(llm: LLM) -> dict[str, Any]:
     """The model as a stable value: its class, model name and API base, and every field of the LLM except
-    :data:`TRANSPORT_FIELDS` (so each request option it sends: temperature, top_logprobs, token limits,
-    ``additional_kwargs``...). Not built from any message text."""
+    :data:`TRANSPORT_FIELDS` (so each request option it sends: temperature, top_logprobs, ``additional_kwargs``...).
+    Not built from any message text."""
     cls = type(llm)
     return {
         "class": f"{cls.__module__}.{cls.__qualname__}",

@@ -174,7 +174,7 @@ REQUEST_CHANGES = {  # LLM options, reranker options
     "temperature": ({"temperature": 1.0}, {}),
     "top_logprobs": ({"top_logprobs": 1}, {}),
     "logprobs off": ({"logprobs": False}, {}),
-    "max_tokens": ({"max_tokens": 300}, {}),
+    "answer token limit": ({}, {"tokenizer": lambda text: text.split()}),  # short passages: only the budget changes
     "seed": ({"additional_kwargs": {"seed": 7}}, {}),
     "top_p": ({"additional_kwargs": {"top_p": 0.5}}, {}),
     "reasoning effort": ({"reasoning_effort": "low"}, {}),
