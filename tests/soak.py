@@ -233,7 +233,6 @@ async def _one_task(reranker: Any, rerank: Rerank, query: str, nodes: list, paus
         if rerank.kind == "plain":
             _check(rerank, await reranker.arerank(query, nodes))
         elif rerank.kind == "deadline":
-            rerank.bound = rerank.start + pause + plan.grace
             mark = loop.call_later(pause, cancelled)  # fires just before wait_for's own timer, set right after
             try:
                 _check(rerank, await asyncio.wait_for(reranker.arerank(query, nodes), pause))
