@@ -199,7 +199,7 @@ async def all_or_none(coroutines: Iterable[Awaitable[T]]) -> list[T]:
     tasks = [asyncio.ensure_future(c) for c in coroutines]
     try:
         return list(await asyncio.gather(*tasks))
-    except BaseException:
+    except (Exception, asyncio.CancelledError):  # (Ctrl-C and a closed coroutine go straight through: see _drive)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -13,6 +13,7 @@ loop), run on threads (:mod:`llama_rerank.concurrency`).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -77,8 +78,8 @@ def _log_retry(state: RetryCallState) -> None:
 
 def _native_async(llm: LLM, chat: bool) -> bool:
     """False when the LLM's async method is ``CustomLLM``'s default, which calls the sync one on the event loop."""
-    name = "achat" if chat else "acomplete"
-    return getattr(type(llm), name) is not getattr(CustomLLM, name)
+    name = "achat" if chat else "acomplete"  # (LlamaIndex wraps each class's methods in spans: compare what they wrap)
+    return inspect.unwrap(getattr(type(llm), name)) is not inspect.unwrap(getattr(CustomLLM, name))
 
 
 def _raw_choice(response: Any, field: str) -> Any:
