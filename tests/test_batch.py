@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import time
 
 import pytest
 
@@ -95,3 +96,30 @@ def test_a_bad_batch_is_refused_before_any_llm_call():
     with pytest.raises(ValueError, match="needs a query"):
         asyncio.run(reranker.arerank_batch(["q1", " "], [nodes, nodes]))
     assert llm.prompts == [] and reranker.rerank_batch([], []) == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_permanent_error_stops_the_queries_running_beside_it(mode):
+    class Unauthorized(Exception):
+        status_code = 401
+
+    llm = ScriptedLLM(lambda p, c: Unauthorized("bad key") if c == 0 else _favourite(p, c))
+    reranker = LikelihoodRerank(llm=llm, window_size=1, max_concurrency=2, scoring="label")
+    queries, node_lists = [f"q {q}" for q in range(6)], [make_nodes(["passage 0", "passage 1"])] * 6
+
+    async def in_a_loop_that_goes_on():
+        with pytest.raises(LLMConfigError):
+            await reranker.arerank_batch(queries, node_lists)
+        calls = len(llm.prompts)
+        await asyncio.sleep(0.4)  # the caller's loop keeps running: queries left behind would call now
+        return calls
+
+    if mode == "sync":
+        with pytest.raises(LLMConfigError):
+            reranker.rerank_batch(queries, node_lists)
+        calls = len(llm.prompts)
+        time.sleep(0.4)
+    else:
+        calls = asyncio.run(in_a_loop_that_goes_on())
+    assert calls <= 4, "the other queries' windows were not started"  # 12 windows in all; 2 slots
+    assert len(llm.prompts) == calls, "nothing calls again, in the background or later"

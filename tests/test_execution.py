@@ -111,12 +111,24 @@ def test_ctrl_c_during_a_sync_rerank_surfaces_at_once_and_starts_nothing(windows
 def test_a_permanent_error_stops_the_windows_not_yet_started(mode):
     llm = ScriptedLLM(lambda p, c: Unauthorized("bad key") if c == 0 else Reply(labels(p), delay=0.3))
     reranker = LikelihoodRerank(llm=llm, window_size=1, max_concurrency=2, top_n=12)
-    with pytest.raises(LLMConfigError):
-        rerank(reranker, mode, make_nodes([f"passage {i}" for i in range(12)]))
-    assert len(llm.prompts) <= 3  # the failing window, the one in flight beside it, at most one more; not all 12
-    calls = len(llm.prompts)
-    time.sleep(0.6)
-    assert len(llm.prompts) == calls, "windows in flight do not call again in the background"
+    nodes = make_nodes([f"passage {i}" for i in range(12)])
+
+    async def in_a_loop_that_goes_on():
+        with pytest.raises(LLMConfigError):
+            await reranker.arerank("q", nodes)
+        calls = len(llm.prompts)
+        await asyncio.sleep(0.6)  # the caller's loop keeps running: windows left behind would call now
+        return calls
+
+    if mode == "sync":
+        with pytest.raises(LLMConfigError):
+            reranker.rerank("q", nodes)
+        calls = len(llm.prompts)
+        time.sleep(0.6)
+    else:
+        calls = asyncio.run(in_a_loop_that_goes_on())
+    assert calls <= 3  # the failing window, the one in flight beside it, at most one more; not all 12
+    assert len(llm.prompts) == calls, "no window calls after the error, in the background or later"
 
 
 # -- sync-only LLMs and the event loop ------------------------------------------------------------------------------

@@ -88,12 +88,18 @@ async def test_a_permanent_error_is_raised_at_once_async():
     assert len(llm.prompts) == 1
 
 
-def test_transient_errors_are_retried_honouring_retry_after():
-    llm = ScriptedLLM(lambda p, c: api_error(openai.RateLimitError, 429, headers={"retry-after": "0.3"}) if c == 0 else "ok")
-    started = time.perf_counter()
+@pytest.mark.parametrize("asked, waited", [("30", 30.0), ("600", 60.0)], ids=["as asked", "capped"])
+def test_transient_errors_are_retried_honouring_retry_after(asked, waited, monkeypatch):
+    llm = ScriptedLLM(lambda p, c: api_error(openai.RateLimitError, 429, headers={"retry-after": asked}) if c == 0 else "ok")
+    waits = []
+
+    async def sleep(seconds):  # record the wait asked for instead of waiting
+        waits.append(seconds)
+
+    monkeypatch.setattr("llama_rerank.llm._sleep", sleep)
     reply = LLMCaller(Provider(llm), ENCODE, max_retries=1, timeout=None).call("prompt", 10)
     assert reply.text == "ok" and reply.retries == 1
-    assert time.perf_counter() - started >= 0.3
+    assert waits == [waited]  # backoff alone would wait under a second
 
 
 def test_last_transient_error_is_raised_after_bounded_retries():
