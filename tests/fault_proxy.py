@@ -273,15 +273,17 @@ class FaultProxy:
             await asyncio.gather(work, gone, return_exceptions=True)  # the reader is free for the next request
 
 
-def above(intervals: Iterable[tuple[float, float]], limit: int, grace: float) -> tuple[int, int]:
-    """(most intervals open at once, stretches longer than ``grace`` seconds with more than ``limit`` open).
+def above(intervals: Iterable[tuple[float, float]], limit: int, grace: float) -> tuple[int, int, float]:
+    """(most intervals open at once, stretches longer than ``grace`` seconds with more than ``limit`` open, the
+    longest such stretch in seconds).
 
-    ``grace`` absorbs observation lag: a call that ended is seen ending a little late, and the next one, started
-    as it ended, may be seen starting first.
+    ``grace`` absorbs observation lag: a client that gave a call up is seen leaving a little late, and its next
+    call, started as it left, may be seen arriving first.
     """
     events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals],
                     key=lambda event: (event[0], event[1]))
     peak = open_ = stretches = 0
+    longest = 0.0
     since: Optional[float] = None
     for at, step in events:
         open_ += step
@@ -290,5 +292,6 @@ def above(intervals: Iterable[tuple[float, float]], limit: int, grace: float) ->
             since = at
         elif open_ <= limit and since is not None:
             stretches += at - since > grace
+            longest = max(longest, at - since)
             since = None
-    return peak, stretches
+    return peak, stretches, longest

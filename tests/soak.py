@@ -99,6 +99,7 @@ class Figures:
     faults: dict[str, int]
     peak_proxy: int
     above_proxy: int
+    longest_proxy: float  # seconds, the longest stretch above max_concurrency, however short
     peak_stub: int
     above_stub: int
     threads_left: list[str]  # right after the last rerank returned
@@ -145,6 +146,8 @@ class Figures:
              + (f" (worst {late[0]:.1f} s late)" if late else ""), "all"),
             ("most calls in flight, at the proxy / at the stub",
              f"{self.peak_proxy} / {self.peak_stub}", f"<= {self.plan.max_concurrency}"),
+            ("longest stretch above max_concurrency at the proxy", f"{self.longest_proxy * 1000:.1f} ms",
+             f"< {self.plan.lag * 1000:.0f} ms (lag)"),
             (f"stretches above max_concurrency (> {self.plan.lag:g} s), proxy / stub",
              f"{self.above_proxy} / {self.above_stub}", "0"),
             ("calls started after a cancellation", str(self.calls_after_cancel), "0"),
@@ -341,11 +344,11 @@ def soak(plan: Plan) -> Figures:
         threads_later = [t.name for t in threading.enumerate() if t.ident not in threads_before]
     sockets_after = _open_sockets()
     calls = [c for c in proxy.calls if c.end is not None]
-    peak_proxy, above_proxy = above([(c.start, c.end) for c in calls], plan.max_concurrency, plan.lag)
-    peak_stub, above_stub = above([c.upstream for c in calls if c.upstream], plan.max_concurrency, plan.lag)
+    peak_proxy, above_proxy, longest_proxy = above([(c.start, c.end) for c in calls], plan.max_concurrency, plan.lag)
+    peak_stub, above_stub, _ = above([c.upstream for c in calls if c.upstream], plan.max_concurrency, plan.lag)
     return Figures(
         plan, [job[0] for job in task_jobs + thread_jobs], len(proxy.calls), dict(proxy.injected),
-        peak_proxy, above_proxy, peak_stub, above_stub, threads_left, threads_later, tasks_left,
+        peak_proxy, above_proxy, longest_proxy, peak_stub, above_stub, threads_left, threads_later, tasks_left,
         None if sockets_before is None or sockets_after is None else sockets_after - sockets_before,
         open_at_end, seconds,
     )

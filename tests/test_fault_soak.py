@@ -56,8 +56,8 @@ def test_a_client_that_goes_away_ends_its_call_at_the_proxy():
 
 def test_above_counts_stretches_over_the_limit_longer_than_the_lag():
     calls = [(0.0, 1.0), (0.5, 2.0), (0.99, 1.5), (1.2, 1.4), (3.0, 4.0), (3.98, 5.0), (3.99, 4.5)]
-    assert above(calls, limit=2, grace=0.05) == (3, 1)  # 1.2-1.4; 0.99-1.0 and 3.99-4.0 are too short to count
-    assert above(calls, limit=1, grace=0.05) == (3, 2)  # 0.5-1.5 and 3.98-4.5
+    assert above(calls, limit=2, grace=0.05) == (3, 1, pytest.approx(0.2))  # 1.2-1.4; 0.99-1.0, 3.99-4.0 too short
+    assert above(calls, limit=1, grace=0.05) == (3, 2, pytest.approx(1.0))  # 0.5-1.5 and 3.98-4.5
 
 
 @pytest.fixture(scope="module")
