@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import difflib
 import logging
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, TypeVar
 
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.bridge.pydantic import (
+    ConfigDict,
     Field,
     PrivateAttr,
+    ValidationInfo,
     SerializeAsAny,
     field_serializer,
     field_validator,
@@ -137,11 +140,10 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         default=None, exclude=True, description="Token counter for budgets; default: the LLM's own if exposed, else cl100k."
     )
 
-    _encoder: Optional[Tuple[LLM, Any, Encode]] = PrivateAttr(default=None)
-    _provider: Optional[Tuple[LLM, bool, Provider]] = PrivateAttr(default=None)
+    model_config = ConfigDict(validate_assignment=True)  # reranker.top_n = 0 fails there, as at construction
+
+    _derived: "_Derived" = PrivateAttr(default_factory=lambda: _Derived())
     _last_usage: Optional[RerankUsage] = PrivateAttr(default=None)
-    _limit: Optional[CallLimit] = PrivateAttr(default=None)
-    _cache: Optional[Tuple[Any, JudgementCache]] = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -170,6 +172,38 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
             return PromptTemplate(value["template"], **options)
         raise ValueError("rerank_prompt: a dict must be a dumped PromptTemplate ('template') or ChatPromptTemplate ('message_templates')")
 
+    @field_validator("llm", mode="before")
+    @classmethod
+    def _llm_not_from_a_dump(cls, value: Any) -> Any:
+        """``to_dict()`` writes an LLM's settings, not the LLM: ``from_dict`` needs it passed back."""
+        if isinstance(value, dict):
+            raise ValueError(
+                f"got the settings of an LLM ({value.get('class_name', '?')}) written by to_dict(), which cannot "
+                "be rebuilt into an LLM (its key and clients are not saved); pass the LLM back: "
+                "LikelihoodRerank.from_dict(data, llm=my_llm)"
+            )
+        return value
+
+    @field_validator("label_scale")
+    @classmethod
+    def _check_scale(cls, value: Dict[str, float], info: ValidationInfo) -> Dict[str, float]:
+        """A scale that cannot work fails at construction or assignment; so does a new one without ``min_label``."""
+        scale = _scale(tuple(value.items()))
+        min_label = info.data.get("min_label")  # set only when assigning: at construction min_label comes later
+        if min_label is not None and normalise_label(min_label) not in scale.labels:
+            raise ValueError(
+                f"min_label {min_label!r} is not on the new label scale {list(scale.labels)}: set min_label=None "
+                "first, then label_scale, then a min_label of the new scale"
+            )
+        return value
+
+    @field_validator("min_label")
+    @classmethod
+    def _check_min_label(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if value is not None and "label_scale" in info.data:  # absent when label_scale itself failed
+            _floor(_scale(tuple(info.data["label_scale"].items())), value)
+        return value
+
     @field_validator("cache")
     @classmethod
     def _check_cache(cls, value: Any) -> Any:
@@ -179,9 +213,6 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
     def _dump_cache(self, value: Any) -> Optional[str]:
         """'memory' and paths go into ``to_dict()``; a KV store object cannot, so it is dumped as None."""
         return None if value is None or isinstance(value, BaseKVStore) else str(value)
-
-    def model_post_init(self, __context: Any) -> None:
-        self._cutoff()  # a bad label_scale or min_label fails here, at construction
 
     @classmethod
     def class_name(cls) -> str:
@@ -208,35 +239,28 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
     @property
     def _encode(self) -> Encode:
         """Token counter that never raises: ``tokenizer``, else the LLM's own (resolved once per LLM/tokenizer)."""
-        llm = self._llm
-        if self._encoder is None or self._encoder[0] is not llm or self._encoder[1] is not self.tokenizer:
-            self._encoder = (llm, self.tokenizer, resolve_encoder(llm, self.tokenizer))
-        return self._encoder[2]
+        llm, tokenizer = self._llm, self.tokenizer
+        return self._derived.get("encode", (llm, tokenizer), lambda: resolve_encoder(llm, tokenizer))
 
     @property
     def _calls(self) -> Provider:
         """How this instance calls its LLM: what the provider was seen to accept is remembered until ``llm`` or
         ``structured_output`` changes."""
-        llm = self._llm
-        if self._provider is None or self._provider[0] is not llm or self._provider[1] != self.structured_output:
-            self._provider = (llm, self.structured_output, Provider(llm, self.structured_output))
-        return self._provider[2]
+        llm, structured = self._llm, self.structured_output
+        return self._derived.get("provider", (llm, structured), lambda: Provider(llm, structured))
 
     @property
     def _call_limit(self) -> CallLimit:
-        """The one limit every rerank on this instance shares; a new one when ``max_concurrency`` changes."""
-        if self._limit is None or self._limit.size != self.max_concurrency:
-            self._limit = CallLimit(self.max_concurrency)
-        return self._limit
+        """The one limit every rerank on this instance shares; a new one when ``max_concurrency`` changes (calls
+        already holding a slot of the old one finish under it)."""
+        size = self.max_concurrency
+        return self._derived.get("limit", (size,), lambda: CallLimit(size))
 
     @property
     def _judgement_cache(self) -> Optional[JudgementCache]:
         """The cache ``cache`` names, opened once (again when ``cache`` is set to something else)."""
-        if self.cache is None:
-            return None
-        if self._cache is None or self._cache[0] is not self.cache:
-            self._cache = (self.cache, JudgementCache(self.cache))
-        return self._cache[1]
+        spec = self.cache
+        return None if spec is None else self._derived.get("cache", (spec,), lambda: JudgementCache(spec))
 
     @property
     def last_usage(self) -> Optional[RerankUsage]:
@@ -255,6 +279,7 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
 
     # -- the work -----------------------------------------------------------------------------------------------
 
+    @dispatcher.span
     def rerank(self, query: str | QueryBundle, nodes: Sequence[NodeWithScore]) -> RerankResult:
         """Rerank ``nodes`` for ``query``; returns the nodes and this call's usage."""
         with self._run(query, nodes) as run:
@@ -262,6 +287,7 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
                 run.judgements.update(run.judge.judge(run.query, run.windows, run.usage))
         return run.result
 
+    @dispatcher.span
     async def arerank(self, query: str | QueryBundle, nodes: Sequence[NodeWithScore]) -> RerankResult:
         """Async :meth:`rerank`: LLM calls are awaited concurrently, at most ``max_concurrency`` at once."""
         with self._run(query, nodes) as run:
@@ -269,6 +295,7 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
                 run.judgements.update(await run.judge.ajudge(run.query, run.windows, run.usage))
         return run.result
 
+    @dispatcher.span
     def rerank_batch(
         self, queries: Sequence[str | QueryBundle], node_lists: Sequence[Sequence[NodeWithScore]],
         progress: Optional[bool] = None, on_result: Optional[OnResult] = None,
@@ -276,12 +303,13 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         """One :class:`RerankResult` per query, in order; queries run concurrently within ``max_concurrency``.
 
         ``progress``: a progress bar on stderr; None shows one for batches of 5 queries or more. ``on_result``:
-        called with (position, result) as each query finishes, from the thread that ran it. An exception a rerank
-        raises (``LLMConfigError``; ``RerankLLMError`` with ``on_error="raise"``) stops the batch and propagates.
+        called with (position, result) as each query finishes, on the calling thread. An exception a rerank
+        raises (``LLMConfigError``; ``RerankLLMError`` with ``on_error="raise"``) or Ctrl-C stops the batch and propagates.
         """
         check_batch(queries, node_lists, _require_query)
-        return run_batch(self.rerank, queries, node_lists, self.max_concurrency, progress, on_result)
+        return run_batch(self.arerank, queries, node_lists, progress, on_result)
 
+    @dispatcher.span
     async def arerank_batch(
         self, queries: Sequence[str | QueryBundle], node_lists: Sequence[Sequence[NodeWithScore]],
         progress: Optional[bool] = None, on_result: Optional[OnResult] = None,
@@ -310,11 +338,9 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
             estimate.cost = tokens / 1e6
         return estimate
 
-    @dispatcher.span
     def _postprocess_nodes(self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle] = None) -> List[NodeWithScore]:
         return self.rerank(_require_query(query_bundle), nodes).nodes
 
-    @dispatcher.span
     async def _apostprocess_nodes(
         self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle] = None
     ) -> List[NodeWithScore]:
@@ -366,13 +392,8 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         return budget
 
     def _cutoff(self) -> Optional[float]:
-        """The score below which judged candidates are dropped; checks ``min_label`` against the current scale."""
-        scale, floors = self.scale, [self.min_score]
-        if self.min_label is not None:
-            if normalise_label(self.min_label) not in scale.labels:
-                raise ValueError(f"min_label {self.min_label!r} is not on the label scale {list(scale.labels)}")
-            floors.append(scale.score(self.min_label))
-        floors = [v for v in floors if v is not None]
+        """The score below which judged candidates are dropped."""
+        floors = [v for v in (self.min_score, _floor(self.scale, self.min_label)) if v is not None]
         return max(floors) if floors else None
 
     @classmethod
@@ -384,9 +405,43 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         return load(path, llm, **overrides)
 
 
+Built = TypeVar("Built")
+
+
+class _Derived:
+    """What a reranker builds from its fields when first used (token counter, provider state, call limit, cache
+    store): each built once, under a lock, since the first reranks may start together on several threads and
+    loops, and built anew when the fields it came from change. Copies and unpickled rerankers start empty and
+    build their own (locks, clients and connections are not copied)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._built: Dict[str, Tuple[Tuple[Any, ...], Any]] = {}
+
+    def get(self, name: str, inputs: Tuple[Any, ...], build: Callable[[], Built]) -> Built:
+        """The object ``name`` built from ``inputs`` (objects compared by identity, numbers by value)."""
+        with self._lock:
+            held = self._built.get(name)
+            if held is None or not all(a is b or (type(a) is int and a == b) for a, b in zip(held[0], inputs)):
+                held = self._built[name] = (inputs, build())
+            return held[1]
+
+    def __reduce__(self) -> Tuple[type, Tuple[()]]:
+        return type(self), ()
+
+
 @lru_cache(maxsize=32)
 def _scale(items: Tuple[Tuple[str, float], ...]) -> LabelScale:
     return LabelScale.from_mapping(dict(items))
+
+
+def _floor(scale: LabelScale, min_label: Optional[str]) -> Optional[float]:
+    """The score of ``min_label`` on ``scale`` (None for no cutoff); an error if the scale has no such label."""
+    if min_label is None:
+        return None
+    if normalise_label(min_label) not in scale.labels:
+        raise ValueError(f"min_label {min_label!r} is not on the label scale {list(scale.labels)}: use one of its labels, or None")
+    return scale.score(min_label)
 
 
 def _require_query(query: str | QueryBundle | None) -> str:

@@ -119,9 +119,44 @@ def test_min_label_is_checked_against_the_current_scale():
     with pytest.raises(ValueError, match="at least two labels"):
         LikelihoodRerank(llm=_llm(), label_scale={"only": 1.0})
     reranker = LikelihoodRerank(llm=_llm(), min_label="likely")
-    reranker.label_scale = {"no": 0.0, "yes": 1.0}
-    with pytest.raises(ValueError, match=r"min_label 'likely' is not on the label scale \['no', 'yes'\]"):
-        reranker.rerank("q", make_nodes(["a"]))
+    with pytest.raises(ValueError, match=r"min_label 'likely' is not on the new label scale \['no', 'yes'\]: set min_label=None first"):
+        reranker.label_scale = {"no": 0.0, "yes": 1.0}
+    with pytest.raises(ValueError, match=r"min_label 'yes' is not on the label scale \['unlikely', 'likely', 'very likely'\]"):
+        reranker.min_label = "yes"
+    assert reranker.min_label == "likely" and reranker.scale.labels == ("unlikely", "likely", "very likely")  # unchanged
+    reranker.min_label, reranker.label_scale, reranker.min_label = None, {"no": 0.0, "yes": 1.0}, "yes"  # the order that works
+    reranker.llm = ScriptedLLM(label_by_keyword({"b": "yes"}, default="no"))
+    assert [n.node.get_content() for n in reranker.rerank("q", make_nodes(["a", "b"])).nodes] == ["b"]
+
+
+# assignments are checked like construction --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value, error, message", [
+    ("top_n", 0, ValueError, "top_n\n  Input should be greater than or equal to 1"),
+    ("retrieval_weight", 5, ValueError, "retrieval_weight\n  Input should be less than or equal to 1"),
+    ("scoring", "logprob", ValueError, "scoring\n  Input should be 'auto', 'label' or 'logprobs'"),
+    ("cache", 42, TypeError, "cache must be None, 'memory', a file path or a LlamaIndex BaseKVStore, not int"),
+    ("cache", "memroy", ValueError, "did you mean 'memory'"),
+    ("label_scale", {"only": 1.0}, ValueError, "at least two labels"),
+    ("llm", "gpt-4.1-mini", ValueError, "llm\n  Input should be a valid dictionary or instance of LLM"),
+])  # fmt: skip
+def test_a_bad_assignment_fails_there_and_leaves_the_reranker_as_it_was(field, value, error, message):
+    reranker = LikelihoodRerank(llm=_llm(), top_n=1)
+    before = reranker.model_dump()
+    with pytest.raises(error, match=message):
+        setattr(reranker, field, value)
+    assert reranker.model_dump() == before
+    assert len(reranker.rerank("q", make_nodes(["a", "b"])).nodes) == 1
+
+
+def test_from_dict_of_a_reranker_with_an_llm_names_the_fix():
+    data = LikelihoodRerank(llm=_llm(), top_n=2).to_dict()
+    with pytest.raises(ValueError, match=r"settings of an LLM \(custom_llm\) written by to_dict\(\).*LikelihoodRerank\.from_dict\(data, llm=my_llm\)"):
+        LikelihoodRerank.from_dict(data)
+    llm = _llm()
+    again = LikelihoodRerank.from_dict(data, llm=llm)
+    assert again.llm is llm and again.top_n == 2
 
 
 class _CharLLM(ScriptedLLM):
