@@ -153,33 +153,34 @@ def blocking() -> bool:
 def in_thread(fn: Callable[[], T], slot: Slot | None = None) -> asyncio.Future[T]:
     """Start ``fn`` on a daemon thread of its own; the returned future (of the running loop) gets its result.
 
-    Cancelling the future (a timeout, a cancelled caller) abandons the thread, which cannot be stopped: it holds
-    ``slot``, if given, until ``fn`` really returns.
+    ``slot``, if given, is held until ``fn`` really returns, and given back just after the result is delivered, so
+    the waiting task acts on it (a permanent error stops its run) before the next waiter gets the slot. Cancelling
+    the future (a timeout, a cancelled caller) abandons the thread, which cannot be stopped: it keeps the slot
+    until it is done.
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
     context = contextvars.copy_context()
 
     def settle(outcome: tuple[bool, Any]) -> None:
-        if future.done():  # abandoned
-            return
-        if outcome[0]:
-            future.set_result(outcome[1])
-        else:
-            future.set_exception(outcome[1])
+        if not future.done():  # else abandoned
+            if outcome[0]:
+                future.set_result(outcome[1])
+            else:
+                future.set_exception(outcome[1])
+        if slot is not None:
+            slot.release()
 
     def target() -> None:
         try:
             outcome = (True, context.run(fn))
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting task
             outcome = (False, exc)
-        finally:
-            if slot is not None:
-                slot.release()
         try:
             loop.call_soon_threadsafe(settle, outcome)
         except RuntimeError:  # the loop is closed: nobody waits for this any more
-            pass
+            if slot is not None:
+                slot.release()
 
     if slot is not None:
         slot.loop = None  # the thread holds it now

@@ -24,7 +24,7 @@ from llama_index.core.llms.custom import CustomLLM
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from llama_rerank.budget import Encode
-from llama_rerank.concurrency import CallLimit, blocking, in_thread, limit_for, run_blocking
+from llama_rerank.concurrency import CallLimit, Slot, blocking, in_thread, limit_for, run_blocking
 from llama_rerank.errors import LLMConfigError
 from llama_rerank.parse import answer_part
 from llama_rerank.providers import Provider, explain, is_permanent, model_identity, retry_after
@@ -139,17 +139,18 @@ class LLMCaller:
         self.encode = encode
         self.max_retries = max_retries
         self.timeout = timeout
+        self.refused: LLMConfigError | None = None  # once set, this caller (one rerank's) starts no new request
 
-    async def _request(self, prompt: Prompt, kwargs: dict[str, Any], limit: CallLimit | None) -> Any:
-        """One request, holding a slot of ``limit`` until it ends and bounded by ``timeout``.
+    async def _request(self, prompt: Prompt, max_tokens: int, schema: dict[str, Any] | None, grown: bool, slot: Slot | None) -> Any:
+        """One request with the provider's current options, bounded by ``timeout``; ``slot`` is given back when it ends.
 
         A sync caller's requests, and those to an LLM without an async path of its own, run on a thread, which
         keeps the slot until the request really returns, even after the timeout has abandoned it; an async
         request is cancelled at the timeout.
         """
         llm, chat = self.provider.llm, not isinstance(prompt, str)
-        slot = await limit_for(limit).acquire() if limit is not None else None
         try:
+            kwargs = self.provider.kwargs(max_tokens, schema, grown)
             if blocking() or not _native_async(llm, chat):
                 send = (lambda: llm.chat(list(prompt), **kwargs)) if chat else (lambda: llm.complete(prompt, **kwargs))
                 request, slot = in_thread(send, slot), None  # the thread gives the slot back
@@ -163,12 +164,18 @@ class LLMCaller:
                 slot.release()
 
     async def _send(self, prompt: Prompt, max_tokens: int, schema: dict[str, Any] | None, limit: CallLimit | None) -> Any:
-        """Send, adapt and resend until there is an answer; raise what retrying cannot fix."""
+        """Send, adapt and resend until there is an answer; raise what retrying cannot fix. Each request waits for
+        a slot of ``limit`` first, and is built once it has one (options refused meanwhile are not sent again)."""
         provider, grown = self.provider, False
         for _ in range(MAX_RESENDS):
+            slot = await limit_for(limit).acquire() if limit is not None else None
+            if self.refused is not None:  # another window met a permanent error while this one waited
+                if slot is not None:
+                    slot.release()
+                raise self.refused
             version = provider.version
             try:
-                response = await self._request(prompt, provider.kwargs(max_tokens, schema, grown), limit)
+                response = await self._request(prompt, max_tokens, schema, grown, slot)
             except Exception as exc:
                 if provider.adapt(exc, version):
                     continue
@@ -196,7 +203,11 @@ class LLMCaller:
             sleep=_sleep,
             reraise=True,
         )
-        response = await retrying(self._send, prompt, max_tokens, schema, limit)
+        try:
+            response = await retrying(self._send, prompt, max_tokens, schema, limit)
+        except LLMConfigError as exc:
+            self.refused = exc
+            raise
         return self._reply(prompt, response, retrying.statistics.get("attempt_number", 1) - 1)
 
     def call(self, prompt: Prompt, max_tokens: int, schema: dict[str, Any] | None = None) -> LLMReply:

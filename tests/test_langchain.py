@@ -254,11 +254,12 @@ async def test_a_bad_key_is_loud_whatever_on_error_says(mode):
 async def test_a_503_is_retried_by_the_reranker_alone_then_falls_back(mode, caplog):
     with StubServer("openai-chat", script=[ERRORS[503]] * 3) as stub:
         chat = chat_openai(stub, max_retries=3)
-        compressor = LikelihoodRerankCompressor(chat, top_n=len(TEXTS), window_size=3, max_retries=2, max_concurrency=1)
+        # one window (with two, the other's request may come between this one's retries and take a scripted 503)
+        compressor = LikelihoodRerankCompressor(chat, top_n=len(TEXTS), window_size=len(TEXTS), max_retries=2)
         with caplog.at_level(logging.WARNING):
             out = await compress(compressor, documents(), mode)
-    assert len(stub.chat_requests) == 3 + 1, "three tries of the first window (no client retries), one of the second"
-    assert [d.page_content for d in out if d.metadata["retrieval_rank"] <= 3] == TEXTS[:3], "kept in retrieval order"
+    assert len(stub.chat_requests) == 3, "three tries (no client retries)"
+    assert [d.page_content for d in out] == TEXTS, "kept in retrieval order"
     assert sorted(d.page_content for d in out) == sorted(TEXTS), "nothing is lost"
     assert "keep retrieval order" in caplog.text and compressor.reranker.last_usage.failed_windows == 1
     assert chat.max_retries == 3 and chat.root_client.max_retries == 3, "the user's chat model keeps its setting"

@@ -266,12 +266,13 @@ async def test_transient_errors_are_retried_then_succeed(fault, mode, caplog):
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_a_transient_error_that_persists_degrades_to_retrieval_order_with_a_warning(mode, caplog):
+    # one window: with two, the other window's request may come between this one's retries (a retry's wait holds
+    # no slot), and the scripted 503s would be shared between them
     with StubServer("openai-chat", script=[ERRORS[503]] * 3) as stub:
-        result = await rerank(reranker(openai(stub)), mode)
+        result = await rerank(reranker(openai(stub), window_size=len(TEXTS)), mode)
     order = [n.node.node_id for n in result.nodes]
-    assert sorted(order) == sorted(n.node.node_id for n in nodes()), "nothing is lost"
-    assert [i for i in order if i in ("n0", "n1", "n2")] == ["n0", "n1", "n2"], "the failed window keeps its order"
-    assert result.usage.failed_windows == 1 and len(stub.chat_requests) == 3 + 1
+    assert order == [n.node.node_id for n in nodes()], "nothing is lost, and the failed window keeps its order"
+    assert result.usage.failed_windows == 1 and len(stub.chat_requests) == 3
     assert "keep retrieval order" in caplog.text and "InternalServerError" in caplog.text
 
 
