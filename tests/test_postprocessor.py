@@ -1,8 +1,12 @@
 """LikelihoodRerank driven by a scripted LLM: every behaviour of the core, sync and async."""
 
 import asyncio
+import collections
 import copy
 import logging
+import pickle
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugHandler
@@ -166,6 +170,84 @@ async def test_sync_path_is_concurrent_inside_a_running_event_loop(nodes):
     llm = ScriptedLLM(_slow)
     result = LikelihoodRerank(llm=llm, window_size=3, max_concurrency=4, top_n=12).postprocess_nodes(nodes, query_str="q")
     assert len(result) == 12 and llm.max_in_flight == 4
+
+
+def _meeting(mode, parties=2, wait=0.5):
+    """A script under which the calls a limit lets run together are in flight together: sync calls wait (at most
+    ``wait`` s, once) until ``parties`` of them are; async ones sleep a little (the tasks all start at once)."""
+    if mode == "async":
+        return lambda prompt, call: Reply(label_by_keyword({})(prompt, call), delay=0.05)
+    barrier = threading.Barrier(parties, timeout=wait)
+
+    def script(prompt, call):
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:  # fewer calls were let through than parties: what a limit is for
+            pass
+        return label_by_keyword({})(prompt, call)
+
+    return script
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_changed_max_concurrency_takes_effect_on_the_next_rerank(mode):
+    nodes = make_nodes([f"passage {i}" for i in range(4)])
+    llm = ScriptedLLM(_meeting(mode))
+    reranker = LikelihoodRerank(llm=llm, window_size=1, max_concurrency=4, top_n=4)
+    run(reranker, nodes, mode=mode)
+    assert llm.max_in_flight >= 2, "the first rerank built a limit of 4 and used it"
+    reranker.max_concurrency = 1
+    llm._script, llm.max_in_flight = _meeting(mode), 0
+    assert len(run(reranker, nodes, mode=mode)) == 4
+    assert llm.max_in_flight == 1
+
+
+def test_the_first_reranks_started_together_build_one_limit_one_provider_one_cache(monkeypatch):
+    """Lazily built state is built once even when many threads reach it together: each build is slowed down here, so
+    without the lock every thread would build its own (and each limit of 1 would let one more call in flight)."""
+    import llama_rerank.postprocessor as module
+
+    built = collections.Counter()
+
+    def slow(name, make):
+        def build(*args):
+            built[name] += 1
+            threading.Event().wait(0.05)
+            return make(*args)
+
+        monkeypatch.setattr(module, name, build)
+
+    for name in ("CallLimit", "Provider", "JudgementCache"):
+        slow(name, getattr(module, name))
+    llm = ScriptedLLM(lambda p, c: Reply(label_by_keyword({})(p, c), delay=0.02))
+    reranker = LikelihoodRerank(llm=llm, max_concurrency=1, window_size=2, top_n=4, cache="memory")
+    start = threading.Barrier(8)
+
+    def one(query):
+        start.wait()
+        return reranker.rerank(f"query {query}", make_nodes([f"passage {i} of {query}" for i in range(4)]))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(one, range(8)))
+    assert all(len(r.nodes) == 4 for r in results) and len(llm.prompts) == 16
+    assert built == {"CallLimit": 1, "Provider": 1, "JudgementCache": 1}
+    assert llm.max_in_flight == 1
+
+
+def test_a_used_reranker_deep_copies_and_pickles_without_a_word(caplog):
+    from llama_index.core.llms import MockLLM  # (the scripted LLM holds a lock, so it cannot be copied itself)
+
+    reranker = LikelihoodRerank(llm=MockLLM(), cache="memory", top_n=2, followup_calls=0)
+    nodes = make_nodes(["a", "b", "c"])
+    reranker.rerank("q", nodes)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        copies = [copy.deepcopy(reranker), reranker.model_copy(deep=True), pickle.loads(pickle.dumps(reranker))]
+    assert caplog.records == [], "nothing is dropped from the pickle with a warning on the root logger"
+    for twin in copies:
+        assert twin.top_n == 2 and twin.cache == "memory"
+        assert twin._call_limit is not reranker._call_limit and twin._judgement_cache is not reranker._judgement_cache
+        assert len(twin.rerank("q", nodes).nodes) == 2
 
 
 # 7. token budget ---------------------------------------------------------------------------------------------------
@@ -395,28 +477,47 @@ def test_logprobs_with_an_end_of_text_token_still_align():
     assert result.nodes[0].score not in (0.0, 0.5, 1.0)
 
 
-def test_llm_spans_nest_under_the_rerank_span_in_worker_threads(nodes):
+ENTRIES = {  # how a user reranks two queries' nodes
+    "postprocess_nodes": lambda r, qs, ns: [r.postprocess_nodes(n, query_str=q) for q, n in zip(qs, ns)],
+    "apostprocess_nodes": lambda r, qs, ns: asyncio.run(_each(r.apostprocess_nodes, qs, ns)),
+    "rerank": lambda r, qs, ns: [r.rerank(q, n) for q, n in zip(qs, ns)],
+    "arerank": lambda r, qs, ns: asyncio.run(_each(r.arerank, qs, ns)),
+    "rerank_batch": lambda r, qs, ns: r.rerank_batch(qs, ns, progress=False),
+    "arerank_batch": lambda r, qs, ns: asyncio.run(r.arerank_batch(qs, ns, progress=False)),
+}
+
+
+async def _each(method, queries, node_lists):
+    return [await method(nodes, query_str=q) if method.__name__.endswith("nodes") else await method(q, nodes)
+            for q, nodes in zip(queries, node_lists)]  # fmt: skip
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_one_span_per_query_with_its_llm_calls_nested_under_it(entry):
+    """An instrumentation span handler (OpenInference, Phoenix...) sees one span per query, each window's LLM call
+    under it, even though windows run on worker threads or tasks."""
     from llama_index.core.instrumentation.span_handlers import SimpleSpanHandler
 
     handler = SimpleSpanHandler()
-    dispatcher = get_dispatcher()
-    dispatcher.add_span_handler(handler)
+    root = get_dispatcher()
+    root.add_span_handler(handler)
     try:
-        llm = ScriptedLLM(label_by_keyword({}))
-        LikelihoodRerank(llm=llm, window_size=3, max_concurrency=4).postprocess_nodes(nodes, query_str="q")
+        queries = ["first query", "second query"]
+        node_lists = [make_nodes([f"{q}: passage {i}" for i in range(6)]) for q in queries]
+        ENTRIES[entry](LikelihoodRerank(llm=ScriptedLLM(label_by_keyword({})), window_size=2, max_concurrency=3), queries, node_lists)
     finally:
-        dispatcher.span_handlers.remove(handler)
+        root.span_handlers.remove(handler)
     spans = {span.id_: span for span in handler.completed_spans}
-    rerank = [s for s in spans.values() if "LikelihoodRerank._postprocess_nodes" in s.id_]
-    chats = [s for s in spans.values() if "ScriptedLLM.chat" in s.id_]
-    assert len(rerank) == 1 and len(chats) == 4
+    reranks = [s.id_ for s in spans.values() if s.id_.startswith(("LikelihoodRerank.rerank-", "LikelihoodRerank.arerank-"))]
+    calls = [s for s in spans.values() if s.id_.startswith("ScriptedLLM.")]
+    assert len(reranks) == 2 and len(calls) == 6, sorted(spans)
 
     def ancestors(span):
         while span.parent_id in spans:
             span = spans[span.parent_id]
             yield span.id_
 
-    assert all(rerank[0].id_ in ancestors(chat) for chat in chats)
+    assert sorted(next(a for a in ancestors(c) if a in reranks) for c in calls) == sorted(reranks * 3), "3 windows each"
 
 
 def test_normalize_rescales_a_narrow_llm_score_range_before_fusion():
