@@ -14,6 +14,7 @@ candidate was labelled is stored.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ class Judge:
     reverse_pass: bool = False
     cache: JudgementCache | None = None
     cache_scope: str = ""  # what besides the prompt decides a judgement (llama_rerank.cache.cache_scope)
+    deadline: float | None = None  # seconds the whole run may take
 
     async def _run_window(
         self, query: str, window: Sequence[Candidate], out: dict[int, Judgement], usage: RerankUsage
@@ -197,9 +199,20 @@ class Judge:
         return run_blocking(self.ajudge, query, windows, usage)
 
     async def ajudge(self, query: str, windows: Sequence[Sequence[Candidate]], usage: RerankUsage) -> dict[int, Judgement]:
-        """Judge every candidate with concurrent windows, as many calls at a time as the shared limit allows."""
+        """Judge every candidate with concurrent windows, as many calls at a time as the shared limit allows.
+
+        Past the ``deadline`` the windows still running are cancelled and their unjudged candidates fail as after
+        a failed call (retrieval order, or ``RerankLLMError`` with ``on_error="raise"``).
+        """
         jobs, passes = self._jobs(windows)
-        await all_or_none(self._run_window(query, *job) for job in jobs)
+        try:
+            await asyncio.wait_for(all_or_none(self._run_window(query, *job) for job in jobs), self.deadline)
+        except asyncio.TimeoutError:
+            late = TimeoutError(f"the rerank's deadline of {self.deadline:g} s passed")
+            for window, out, job_usage in jobs:
+                unjudged = [c for c in window if c.index not in out]
+                if unjudged:
+                    self._fail(unjudged, late, out, job_usage)
         return self._merge(jobs, passes, usage)
 
 

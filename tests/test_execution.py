@@ -16,7 +16,7 @@ from llama_index.core.llms.custom import CustomLLM
 from conftest import make_nodes
 from fakes import Reply, ScriptedLLM, passages
 from llama_rerank import LikelihoodRerank
-from llama_rerank.errors import LLMConfigError
+from llama_rerank.errors import LLMConfigError, RerankLLMError
 
 MODES = ["sync", "async"]
 
@@ -209,3 +209,18 @@ def test_a_slot_held_by_an_event_loop_closed_mid_rerank_is_recovered():
         with contextlib.suppress(BaseException):
             task.get_coro().close()
     gc.collect()
+
+
+# -- a deadline for the whole rerank --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_past_its_deadline_a_rerank_returns_what_it_has_and_the_rest_keeps_retrieval_order(mode, caplog):
+    llm = ScriptedLLM(lambda p, c: Reply(labels(p).replace("likely", "very likely"), delay=0 if c == 0 else 5))
+    reranker = LikelihoodRerank(llm=llm, window_size=2, max_concurrency=1, deadline=0.5, top_n=4)
+    result = rerank(reranker, mode, make_nodes([f"passage {i}" for i in range(4)]))
+    assert [n.node.metadata["rerank_label"] for n in result.nodes] == ["very likely", "very likely", None, None]
+    assert [n.node.node_id for n in result.nodes] == ["n0", "n1", "n2", "n3"]
+    assert result.usage.failed_windows == 1 and "deadline of 0.5 s passed" in caplog.text
+    with pytest.raises(RerankLLMError, match="deadline"):
+        rerank(reranker.model_copy(update={"on_error": "raise"}), mode, make_nodes([f"passage {i}" for i in range(4)]))
