@@ -29,13 +29,15 @@ from soak import Plan, small, soak  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="default: 0, or with --small the test's seed")
     parser.add_argument("--task-reranks", type=int, default=Plan.task_reranks)
     parser.add_argument("--thread-reranks", type=int, default=Plan.thread_reranks)
     parser.add_argument("--small", action="store_true", help="the test suite's size")
     args = parser.parse_args()
-    plan = small(args.seed) if args.small else Plan(seed=args.seed, task_reranks=args.task_reranks,
-                                                     thread_reranks=args.thread_reranks)
+    if args.small:
+        plan = small() if args.seed is None else small(args.seed)
+    else:
+        plan = Plan(seed=args.seed or 0, task_reranks=args.task_reranks, thread_reranks=args.thread_reranks)
     logging.basicConfig(level=logging.ERROR)  # the reranker's retry warnings would drown the table
     print(machine_header("Fault soak: concurrent reranks, cancellations and deadlines through a fault proxy"))
     print("plan        : " + ", ".join(f"{f.name}={getattr(plan, f.name)}" for f in dataclasses.fields(plan)))
