@@ -102,6 +102,11 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
     followup_calls: int = Field(default=1, ge=0, description="Extra calls, each for just the candidates an answer left unlabelled.")
     max_retries: int = Field(default=2, ge=0, description="Retries (with backoff) of a failed or timed-out LLM call.")
     timeout: Optional[float] = Field(default=120.0, gt=0, description="Seconds one LLM call may take; None waits forever.")
+    deadline: Optional[float] = Field(
+        default=None, gt=0, description="Seconds one whole rerank may take: then the windows still running are "
+        "cancelled and their candidates keep retrieval order, as after a failed call (RerankLLMError with "
+        "on_error='raise'). None: bounded only by timeout, retries and max_concurrency (docs/RELIABILITY.md).",
+    )  # fmt: skip
     on_error: Literal["fallback", "raise"] = Field(
         default="fallback",
         description="After the retries: 'fallback' keeps that window in retrieval order (warning logged); 'raise' raises RerankLLMError.",
@@ -373,6 +378,7 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
             limit=self._call_limit,
             encode=self._encode,
             reverse_pass=self.reverse_pass,
+            deadline=self.deadline,
             cache=self._judgement_cache,
             cache_scope=cache_scope(calls, self.scale, self.scoring, self.max_passage_tokens, self.followup_calls),
         )
