@@ -62,17 +62,25 @@ class Plan:
     slowest: float = 3.0  # the proxy's longest pause or trickle
     max_faults: int = 400
     fault_seconds: float = 300.0
+    deadline: Optional[float] = None  # the reranker's whole-rerank deadline (LikelihoodRerank.deadline), if set
     grace: float = 0.5  # a cancelled rerank, or one past its deadline, must have ended this long after
     lag: float = 0.1  # calls above the limit for less than this are observation lag, not counted
 
     def worst_case(self) -> float:
-        """How long a rerank without a deadline may take: its own calls one after another plus, for its first slot,
-        every call that can be queued ahead of it, each call taking at most every attempt's timeout and the waits
-        between them."""
+        """How long a rerank without a deadline of the caller's may take: ``deadline`` and ``grace`` if the reranker
+        has one; else its own calls one after another plus, for its first slot, every call that can be queued ahead
+        of it, each call taking at most every attempt's timeout and the waits between them."""
+        if self.deadline is not None:
+            return self.deadline + self.grace
         call = (self.max_retries + 1) * self.timeout + self.max_retries * BACKOFF_CAP
         windows = math.ceil(self.passages[1] / self.window_size)
         queued = (self.tasks + self.threads) * windows
         return (math.ceil(queued / self.max_concurrency) + windows) * call
+
+    def longest(self) -> float:
+        """How long the whole soak may take: every rerank of a task or thread after the other, each in its bound."""
+        return max(math.ceil(self.task_reranks / self.tasks), math.ceil(self.thread_reranks / self.threads)) * \
+            (self.worst_case() + 2 * self.timeout + self.grace)  # a caller's deadline or cancellation comes later
 
 
 @dataclass
@@ -274,7 +282,7 @@ async def _run_tasks(reranker: Any, jobs: list, plan: Plan, client: httpx.AsyncC
             await _one_task(reranker, *job, plan)
 
     tasks = [asyncio.ensure_future(limited(*job)) for job in jobs]
-    _, hung = await asyncio.wait(tasks, timeout=plan.worst_case())
+    _, hung = await asyncio.wait(tasks, timeout=plan.longest())
     for task in hung:  # only if a rerank outlived every bound: it is cancelled and counted as late
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -327,15 +335,16 @@ def soak(plan: Plan) -> Figures:
                        duration=plan.fault_seconds, slowest=plan.slowest) as proxy:
         llm = OpenAILike(model=stub.profile.model, api_base=proxy.url, api_key="k", is_chat_model=True,
                          context_window=8192, http_client=sync_client, async_http_client=async_client)
+        deadline = {} if plan.deadline is None else {"deadline": plan.deadline}  # the option is newer than the soak
         reranker = LikelihoodRerank(llm=llm, top_n=plan.passages[1], window_size=plan.window_size,
                                     max_concurrency=plan.max_concurrency, timeout=plan.timeout,
-                                    max_retries=plan.max_retries)
+                                    max_retries=plan.max_retries, **deadline)
         threads_before = {t.ident for t in threading.enumerate()}
         started = time.monotonic()
         workers = _run_threads(reranker, thread_jobs, plan)
         tasks_left = asyncio.run(_run_tasks(reranker, task_jobs, plan, async_client))
         for thread in workers:
-            thread.join(timeout=max(0.0, started + plan.worst_case() - time.monotonic()))
+            thread.join(timeout=max(0.0, started + plan.longest() - time.monotonic()))
         seconds = time.monotonic() - started
         threads_left = [t.name for t in threading.enumerate() if t.ident not in threads_before]
         open_at_end = sum(call.end is None for call in proxy.calls)
