@@ -10,7 +10,7 @@ a call abandoned at its timeout or by a cancelled caller is simply not waited fo
 :class:`CallLimit` bounds the LLM calls in flight across queries, threads and event loops. A caller takes a
 :class:`Slot` per request; a slot handed to a thread is given back by that thread when the call really returns, so
 the limit holds even for calls that cannot be stopped. A slot held by an event loop that was closed meanwhile is
-taken back. Sync code that blocks an event loop's own thread gets private limits of the same sizes, because that
+taken back (once no thread works with it). Sync code that blocks an event loop's own thread gets private limits of the same sizes, because that
 loop's tasks may hold shared slots they cannot give back while it is blocked.
 """
 
@@ -32,13 +32,13 @@ _private_limits: contextvars.ContextVar[Optional[dict[int, "CallLimit"]]] = cont
 
 
 class Slot:
-    """One slot of a :class:`CallLimit`, held by the event loop ``loop`` or, once handed to a thread (``loop`` is
-    None), by that thread. :meth:`release` gives it back; calling it again does nothing."""
+    """One slot of a :class:`CallLimit`, held by the event loop ``loop``, and by a thread while ``busy`` (see
+    :func:`in_thread`). :meth:`release` gives it back; calling it again does nothing."""
 
-    __slots__ = ("_limit", "loop")
+    __slots__ = ("_limit", "loop", "busy")
 
-    def __init__(self, limit: CallLimit, loop: asyncio.AbstractEventLoop | None) -> None:
-        self._limit, self.loop = limit, loop
+    def __init__(self, limit: CallLimit, loop: asyncio.AbstractEventLoop) -> None:
+        self._limit, self.loop, self.busy = limit, loop, False
 
     def release(self) -> None:
         self._limit._release(self)
@@ -111,8 +111,9 @@ class CallLimit:
                 self._held.discard(waiter.slot)
 
     def _reclaim(self) -> None:
-        """Take back slots held by event loops that were closed (called under the lock)."""
-        dead = {slot for slot in self._held if slot.loop is not None and slot.loop.is_closed()}
+        """Take back slots held by event loops that were closed, unless a thread still works with one (called
+        under the lock)."""
+        dead = {slot for slot in self._held if slot.loop.is_closed() and not slot.busy}
         if dead:
             self._held -= dead
             self._grant()
@@ -176,6 +177,8 @@ def in_thread(fn: Callable[[], T], slot: Slot | None = None) -> asyncio.Future[T
             outcome = (True, context.run(fn))
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting task
             outcome = (False, exc)
+        if slot is not None:
+            slot.busy = False  # from now on, a closed loop's slot is taken back even if ``settle`` never runs
         try:
             loop.call_soon_threadsafe(settle, outcome)
         except RuntimeError:  # the loop is closed: nobody waits for this any more
@@ -183,7 +186,7 @@ def in_thread(fn: Callable[[], T], slot: Slot | None = None) -> asyncio.Future[T
                 slot.release()
 
     if slot is not None:
-        slot.loop = None  # the thread holds it now
+        slot.busy = True
     try:
         threading.Thread(target=target, daemon=True, name="llama-rerank-call").start()
     except BaseException:
