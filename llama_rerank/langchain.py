@@ -4,7 +4,9 @@ It only translates, like rerankers' ``integrations/langchain.py``: documents bec
 ranks them (``rerank``, or ``arerank`` for ``acompress_documents``), and the ranked nodes become copies of the input
 documents carrying the scores. A LangChain chat model judges through :class:`LangChainChatLLM`, which passes its
 token logprobs (``ChatOpenAI(logprobs=True)``) and token counts on, and its errors through unchanged, so the
-reranker's error policy holds: a 401 raises ``LLMConfigError``, a 503 is retried and then falls back.
+reranker's error policy holds: a 401 raises ``LLMConfigError``, a 503 is retried and then falls back. The
+``callbacks`` a compressor is given (a ``ContextualCompressionRetriever`` gives its run's) reach the chat model's
+calls, so a tracer sees each LLM run, with its token usage, under the retriever's run.
 
     >>> from langchain_classic.retrievers import ContextualCompressionRetriever  # doctest: +SKIP
     >>> retriever = ContextualCompressionRetriever(
@@ -14,7 +16,10 @@ reranker's error policy holds: a 401 raises ``LLMConfigError``, a 503 is retried
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+import os
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, TypedDict, Union
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -30,7 +35,9 @@ from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
 from llama_index.core.llms import LLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.prompts import BasePromptTemplate
 from llama_index.core.schema import NodeWithScore, TextNode
+from llama_index.core.storage.kvstore.types import BaseKVStore
 
 from llama_rerank._extras import require
 from llama_rerank.postprocessor import METADATA_KEYS, LikelihoodRerank, RerankResult
@@ -41,8 +48,32 @@ from langchain_core.callbacks import Callbacks  # noqa: E402
 from langchain_core.documents import BaseDocumentCompressor, Document  # noqa: E402
 from langchain_core.language_models import BaseChatModel  # noqa: E402
 from langchain_core.messages import BaseMessage, convert_to_messages  # noqa: E402
+from langchain_core.runnables import RunnableConfig  # noqa: E402
 
-__all__ = ["LangChainChatLLM", "LikelihoodRerankCompressor"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["LangChainChatLLM", "LikelihoodRerankCompressor", "RerankOptions"]
+
+# The callbacks of the compressor call under way: the chat model's calls run on worker threads and tasks, which
+# copy the context, so they find them here.
+_callbacks: ContextVar[Callbacks] = ContextVar("llama_rerank_langchain_callbacks", default=None)
+
+
+@contextmanager
+def _passing(callbacks: Callbacks) -> Iterator[None]:
+    token = _callbacks.set(callbacks)
+    try:
+        yield
+    finally:
+        _callbacks.reset(token)
+
+
+def _config() -> Optional[RunnableConfig]:
+    """The config for a chat model call: the compressor's callbacks, if it was given any (else LangChain's own
+    context applies, as for any runnable)."""
+    callbacks = _callbacks.get()
+    return None if callbacks is None else {"callbacks": callbacks}
 
 
 class LangChainChatLLM(CustomLLM):
@@ -96,19 +127,19 @@ class LangChainChatLLM(CustomLLM):
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return ChatResponse(**_reply(self._chat.invoke(_to_langchain(messages), **kwargs), chat=True))
+        return ChatResponse(**_reply(self._chat.invoke(_to_langchain(messages), _config(), **kwargs), chat=True))
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return ChatResponse(**_reply(await self._chat.ainvoke(_to_langchain(messages), **kwargs), chat=True))
+        return ChatResponse(**_reply(await self._chat.ainvoke(_to_langchain(messages), _config(), **kwargs), chat=True))
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return CompletionResponse(**_reply(self._chat.invoke(prompt, **kwargs), chat=False))
+        return CompletionResponse(**_reply(self._chat.invoke(prompt, _config(), **kwargs), chat=False))
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return CompletionResponse(**_reply(await self._chat.ainvoke(prompt, **kwargs), chat=False))
+        return CompletionResponse(**_reply(await self._chat.ainvoke(prompt, _config(), **kwargs), chat=False))
 
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
         raise NotImplementedError("LangChainChatLLM serves the reranker, which never streams; call the chat model itself")
@@ -157,13 +188,42 @@ def _logprob(entry: dict[str, Any]) -> LogProb:
     return LogProb(token=entry["token"], logprob=entry["logprob"], bytes=entry.get("bytes") or [])
 
 
+class RerankOptions(TypedDict, total=False):
+    """The :class:`~llama_rerank.LikelihoodRerank` options a compressor takes: every one but ``llm`` (see the
+    reranker's fields for what each does)."""
+
+    rerank_prompt: BasePromptTemplate
+    top_n: int
+    window_size: int
+    label_scale: Dict[str, float]
+    scoring: Literal["auto", "label", "logprobs"]
+    max_concurrency: int
+    max_passage_tokens: int
+    followup_calls: int
+    max_retries: int
+    timeout: Optional[float]
+    deadline: Optional[float]
+    on_error: Literal["fallback", "raise"]
+    min_score: Optional[float]
+    min_label: Optional[str]
+    retrieval_weight: float
+    retrieval_signal: Literal["rank", "score"]
+    normalize: bool
+    reverse_pass: bool
+    structured_output: bool
+    cache: Union[None, str, "os.PathLike[str]", BaseKVStore]
+    tokenizer: Optional[Callable[[str], Sequence[Any]]]
+
+
 class LikelihoodRerankCompressor(BaseDocumentCompressor):
     """Listwise LLM reranking for LangChain: put it in a ``ContextualCompressionRetriever``.
 
     ``llm`` is a LangChain chat model (``BaseChatModel``) or a LlamaIndex ``LLM``; every other keyword is a
-    :class:`~llama_rerank.LikelihoodRerank` option (``top_n``, ``window_size``, ``label_scale``, ``scoring``,
-    ``min_score``/``min_label``, ``retrieval_weight``/``retrieval_signal``/``normalize``, ``cache``,
-    ``max_concurrency``, ``on_error``, ...), checked the same way. Returned documents are copies, best first, whose metadata adds
+    :class:`~llama_rerank.LikelihoodRerank` option (typed by :class:`RerankOptions`: ``top_n``, ``window_size``,
+    ``label_scale``, ``scoring``, ``min_score``/``min_label``, ``retrieval_weight``/``retrieval_signal``/``normalize``,
+    ``cache``, ``max_concurrency``, ``on_error``, ...), checked the same way, at construction and when set on
+    ``compressor.reranker`` (``compressor.top_n`` is a shortcut). The ``callbacks`` LangChain passes reach the chat
+    model's calls. Returned documents are copies, best first, whose metadata adds
     ``relevance_score`` (the final score), ``rerank_label``, ``rerank_score`` (the LLM's own score),
     ``retrieval_rank`` (1-based input position) and ``retrieval_score``; the input documents are not changed.
     As in LlamaIndex nothing is lost: a failed or unreadable LLM answer leaves documents in retrieval order.
@@ -175,7 +235,7 @@ class LikelihoodRerankCompressor(BaseDocumentCompressor):
         "retrieval_signal='score'; None: LangChain documents carry no score, and fusion uses the rank.",
     )  # fmt: skip
 
-    def __init__(self, llm: Any, *, retrieval_score_key: Optional[str] = None, **options: Any) -> None:
+    def __init__(self, llm: Any, *, retrieval_score_key: Optional[str] = None, **options: Unpack[RerankOptions]) -> None:
         if isinstance(llm, BaseChatModel):
             if options.get("structured_output"):
                 raise ValueError(
@@ -191,17 +251,30 @@ class LikelihoodRerankCompressor(BaseDocumentCompressor):
             )
         super().__init__(reranker=LikelihoodRerank(llm=llm, **options), retrieval_score_key=retrieval_score_key)
 
+    @property
+    def top_n(self) -> int:
+        """How many documents come back, best first (the reranker's ``top_n``; settable, and checked)."""
+        return self.reranker.top_n
+
+    @top_n.setter
+    def top_n(self, value: int) -> None:
+        self.reranker.top_n = value
+
     def compress_documents(
         self, documents: Sequence[Document], query: str, callbacks: Optional[Callbacks] = None
     ) -> Sequence[Document]:
         """Rerank ``documents`` for ``query``: at most ``top_n`` copies, best first, with the scores in metadata."""
-        return self._documents(documents, self.reranker.rerank(query, self._nodes(documents)))
+        with _passing(callbacks):
+            result = self.reranker.rerank(query, self._nodes(documents))
+        return self._documents(documents, result)
 
     async def acompress_documents(
         self, documents: Sequence[Document], query: str, callbacks: Optional[Callbacks] = None
     ) -> Sequence[Document]:
         """Async :meth:`compress_documents`: the LLM calls are awaited concurrently (``max_concurrency``)."""
-        return self._documents(documents, await self.reranker.arerank(query, self._nodes(documents)))
+        with _passing(callbacks):
+            result = await self.reranker.arerank(query, self._nodes(documents))
+        return self._documents(documents, result)
 
     def _nodes(self, documents: Sequence[Document]) -> List[NodeWithScore]:
         """One node per document, identified by its position (so equal ids or texts are each kept); the LLM

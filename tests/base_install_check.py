@@ -52,6 +52,8 @@ def expect_missing_extra(extra: str, call) -> None:
 def main() -> None:
     assert Path(llama_rerank.__file__).is_relative_to(sys.prefix), f"not the installed wheel: {llama_rerank.__file__}"
     assert LikelihoodRerank is llama_rerank.LikelihoodRerank
+    for package in (llama_rerank, importlib.import_module("llama_index.postprocessor.likelihood_rerank")):
+        assert Path(package.__file__).with_name("py.typed").is_file(), f"the wheel's {package.__name__} has no py.typed"
     present = [name for name in HEAVY if installed(name)]
     assert not present, f"the base install pulled in {present}"
 

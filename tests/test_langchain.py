@@ -13,6 +13,7 @@ from typing import Any, List, Optional
 
 import pytest
 from langchain_classic.retrievers import ContextualCompressionRetriever
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.documents import Document
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage
@@ -21,9 +22,9 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_openai import ChatOpenAI
 
 from fakes import ScriptedLLM, label_by_keyword
-from llama_rerank import LLMConfigError
+from llama_rerank import LikelihoodRerank, LLMConfigError
 from llama_rerank._extras import MissingExtraError
-from llama_rerank.langchain import LangChainChatLLM, LikelihoodRerankCompressor
+from llama_rerank.langchain import LangChainChatLLM, LikelihoodRerankCompressor, RerankOptions
 from openai_stub import ERRORS, PROFILES, StubServer
 
 QUERY = "espresso extraction time"
@@ -60,8 +61,22 @@ class KeywordChatModel(BaseChatModel):
         return self._answer(messages, "async")
 
 
+class MeteredChatModel(KeywordChatModel):
+    """The keyword model reporting token usage as a provider does (one token per character, to be easy to check)."""
+
+    def _answer(self, messages: List[BaseMessage], path: str) -> ChatResult:
+        prompt, reply = "\n".join(m.text for m in messages), super()._answer(messages, path).generations[0].message.text
+        usage = {"input_tokens": len(prompt), "output_tokens": len(reply), "total_tokens": len(prompt) + len(reply)}
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(content=reply, usage_metadata=usage))])
+
+
 def documents() -> list[Document]:
     return [Document(page_content=t, metadata={"source": f"doc{i}"}, id=f"d{i}") for i, t in enumerate(TEXTS)]
+
+
+class FixedRetriever(BaseRetriever):
+    def _get_relevant_documents(self, query: str, *, run_manager: Any) -> list[Document]:
+        return documents()
 
 
 async def compress(compressor, docs, mode, query=QUERY):
@@ -175,14 +190,52 @@ def test_what_cannot_judge_is_refused_at_construction():
 
 
 def test_a_contextual_compression_retriever_uses_it_sync_and_async():
-    class Fixed(BaseRetriever):
-        def _get_relevant_documents(self, query: str, *, run_manager: Any) -> list[Document]:
-            return documents()
-
     retriever = ContextualCompressionRetriever(
-        base_compressor=LikelihoodRerankCompressor(KeywordChatModel(), top_n=2), base_retriever=Fixed()
+        base_compressor=LikelihoodRerankCompressor(KeywordChatModel(), top_n=2), base_retriever=FixedRetriever()
     )
     assert top(retriever.invoke(QUERY)) == top(asyncio.run(retriever.ainvoke(QUERY))) == RELEVANT
+
+
+class Runs(BaseCallbackHandler):
+    """What a tracer records: each run's kind and parent, and each LLM run's token usage."""
+
+    def __init__(self) -> None:
+        self.kind: dict = {}
+        self.parent: dict = {}
+        self.tokens: dict = {}
+
+    def on_retriever_start(self, serialized: Any, query: str, *, run_id: Any, parent_run_id: Any = None, **kwargs: Any) -> None:
+        self.kind[run_id], self.parent[run_id] = "retriever", parent_run_id
+
+    def on_chat_model_start(self, serialized: Any, messages: Any, *, run_id: Any, parent_run_id: Any = None, **kwargs: Any) -> None:
+        self.kind[run_id], self.parent[run_id] = "chat", parent_run_id
+
+    def on_llm_end(self, response: Any, *, run_id: Any, **kwargs: Any) -> None:
+        self.tokens[run_id] = response.generations[0][0].message.usage_metadata
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_tracer_sees_each_llm_run_under_the_retrievers_run_with_its_tokens(mode):
+    runs = Runs()
+    compressor = LikelihoodRerankCompressor(MeteredChatModel(), top_n=2, window_size=2, max_concurrency=3)
+    retriever = ContextualCompressionRetriever(base_compressor=compressor, base_retriever=FixedRetriever())
+    config = {"callbacks": [runs]}
+    out = retriever.invoke(QUERY, config) if mode == "sync" else asyncio.run(retriever.ainvoke(QUERY, config))
+    assert top(out) == RELEVANT
+    (outer,) = [run for run, kind in runs.kind.items() if kind == "retriever" and runs.parent[run] is None]
+    chats = [run for run, kind in runs.kind.items() if kind == "chat"]
+    assert len(chats) == 3 and all(runs.parent[run] == outer for run in chats), "three windows, each under the retriever"
+    assert sum(runs.tokens[run]["input_tokens"] for run in chats) == compressor.reranker.last_usage.prompt_tokens > 0
+
+
+def test_options_are_typed_as_the_rerankers_and_top_n_is_the_rerankers():
+    assert set(RerankOptions.__annotations__) == set(LikelihoodRerank.model_fields) - {"llm", "callback_manager"}
+    compressor = LikelihoodRerankCompressor(KeywordChatModel(), top_n=3)
+    assert compressor.top_n == 3
+    compressor.top_n = 1
+    assert compressor.reranker.top_n == 1 and len(compressor.compress_documents(documents(), QUERY)) == 1
+    with pytest.raises(ValueError, match="top_n\n  Input should be greater than or equal to 1"):
+        compressor.top_n = 0
 
 
 def test_the_adapter_reports_the_chat_models_name_and_context_window():
