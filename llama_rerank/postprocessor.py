@@ -72,6 +72,8 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
     Several candidates go in each LLM call (``window_size``); windows run concurrently. Scores come from the
     label's value, or from the label probabilities when the LLM returns logprobs. A candidate is never dropped
     because of the LLM: unreadable answers and failed calls leave it in retrieval order with a neutral score.
+    Options set after construction are checked as at construction. ``to_dict()`` saves the options but not the LLM:
+    ``LikelihoodRerank.from_dict(data, llm=llm)``.
 
     >>> engine = index.as_query_engine(similarity_top_k=20,
     ...                                node_postprocessors=[LikelihoodRerank(llm=llm, top_n=5)])  # doctest: +SKIP
