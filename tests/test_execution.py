@@ -224,3 +224,27 @@ def test_past_its_deadline_a_rerank_returns_what_it_has_and_the_rest_keeps_retri
     assert result.usage.failed_windows == 1 and "deadline of 0.5 s passed" in caplog.text
     with pytest.raises(RerankLLMError, match="deadline"):
         rerank(reranker.model_copy(update={"on_error": "raise"}), mode, make_nodes([f"passage {i}" for i in range(4)]))
+
+
+# -- over real HTTP -------------------------------------------------------------------------------------------------
+
+
+async def test_a_rerank_cancelled_over_real_http_sends_no_further_request(caplog):
+    """The real ``openai`` client: the cancelled requests are closed, and none is retried."""
+    from llama_index.llms.openai_like import OpenAILike
+    from openai_stub import StubServer, slow
+
+    with StubServer("openai-chat", script=[slow(3), slow(3)]) as stub:
+        llm = OpenAILike(model=stub.profile.model, api_base=stub.url, api_key="k", is_chat_model=True)
+        reranker = LikelihoodRerank(llm=llm, window_size=3, max_concurrency=2, max_retries=2, timeout=30)
+        task = asyncio.ensure_future(reranker.arerank("q", make_nodes([f"passage {i}" for i in range(6)])))
+        for _ in range(1000):  # until both windows' requests have arrived
+            if len(stub.chat_requests) == 2:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(1.0)
+        assert len(stub.chat_requests) == 2, "one request per window, none after the cancellation"
+    assert "retrying" not in caplog.text and reranker._call_limit.in_use == 0
