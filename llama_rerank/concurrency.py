@@ -8,10 +8,11 @@ LLM call, a cache store) runs on a daemon thread of its own (:func:`in_thread`):
 a call abandoned at its timeout or by a cancelled caller is simply not waited for.
 
 :class:`CallLimit` bounds the LLM calls in flight across queries, threads and event loops. A caller takes a
-:class:`Slot` per request; a slot handed to a thread is given back by that thread when the call really returns, so
-the limit holds even for calls that cannot be stopped. A slot held by an event loop that was closed meanwhile is
-taken back (once no thread works with it). Sync code that blocks an event loop's own thread gets private limits of the same sizes, because that
-loop's tasks may hold shared slots they cannot give back while it is blocked.
+:class:`Slot` per request (none while it sleeps before a retry); a slot handed to a thread is given back once the
+call really returns, so the limit holds even for calls that cannot be stopped. A slot held by an event loop that
+was closed meanwhile is taken back (once no thread works with it). Sync code that blocks an event loop's own thread
+gets private limits of the same sizes, because that loop's tasks may hold shared slots they cannot give back while
+it is blocked.
 """
 
 from __future__ import annotations

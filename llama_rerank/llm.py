@@ -141,8 +141,10 @@ class LLMCaller:
         self.timeout = timeout
         self.refused: LLMConfigError | None = None  # once set, this caller (one rerank's) starts no new request
 
-    async def _request(self, prompt: Prompt, max_tokens: int, schema: dict[str, Any] | None, grown: bool, slot: Slot | None) -> Any:
-        """One request with the provider's current options, bounded by ``timeout``; ``slot`` is given back when it ends.
+    async def _request(
+        self, prompt: Prompt, max_tokens: int, schema: dict[str, Any] | None, grown: bool, slot: Slot | None
+    ) -> Any:
+        """One request with the provider's current options, bounded by ``timeout``; ``slot`` is given back at its end.
 
         A sync caller's requests, and those to an LLM without an async path of its own, run on a thread, which
         keeps the slot until the request really returns, even after the timeout has abandoned it; an async
