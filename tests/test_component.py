@@ -177,3 +177,17 @@ def test_changing_llm_after_construction_changes_the_token_counter():
     reranker.rerank("q", make_nodes([text]))
     (cut,) = passages(reranker.llm.prompts[0])
     assert cut.endswith("[...truncated]") and len(cut) <= 16  # counted in characters now
+
+
+def test_the_cache_store_follows_a_changed_cache_field(tmp_path):
+    llm, nodes = _llm(), make_nodes(["a", "b"])
+    reranker = LikelihoodRerank(llm=llm, cache="memory")
+    reranker.rerank("q", nodes)
+    reranker.rerank("q", nodes)
+    assert len(llm.prompts) == 1, "the second rerank was served by the memory store"
+    reranker.cache = str(tmp_path / "judgements.sqlite")
+    reranker.rerank("q", nodes)
+    assert len(llm.prompts) == 2, "a new store, not the memory one"
+    reranker.cache = None
+    reranker.rerank("q", nodes)
+    assert len(llm.prompts) == 3 and reranker._judgement_cache is None
