@@ -62,6 +62,7 @@ _callbacks: ContextVar[Callbacks] = ContextVar("llama_rerank_langchain_callbacks
 
 @contextmanager
 def _passing(callbacks: Callbacks) -> Iterator[None]:
+    """Within this block, the chat model's calls get ``callbacks``."""
     token = _callbacks.set(callbacks)
     try:
         yield
@@ -211,7 +212,7 @@ class RerankOptions(TypedDict, total=False):
     normalize: bool
     reverse_pass: bool
     structured_output: bool
-    cache: Union[None, str, "os.PathLike[str]", BaseKVStore]
+    cache: Union[None, str, os.PathLike[str], BaseKVStore]
     tokenizer: Optional[Callable[[str], Sequence[Any]]]
 
 
