@@ -1,5 +1,9 @@
 """LikelihoodRerank as a LlamaIndex component: strict options, a serialisable prompt, Settings.llm, no stale state."""
 
+import copy
+import logging
+import pickle
+
 import pytest
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.prompts import ChatPromptTemplate, PromptTemplate
@@ -191,3 +195,22 @@ def test_the_cache_store_follows_a_changed_cache_field(tmp_path):
     reranker.cache = None
     reranker.rerank("q", nodes)
     assert len(llm.prompts) == 3 and reranker._judgement_cache is None
+
+
+def test_a_reranker_used_with_llamaindexs_openai_class_copies_and_pickles_without_a_word(caplog):
+    from llama_index.llms.openai import OpenAI
+
+    from openai_stub import StubServer
+
+    nodes = make_nodes(["espresso shot", "green tea"])
+    with StubServer("openai-chat") as stub:
+        llm = OpenAI(model=stub.profile.model, api_base=stub.url, api_key="k", logprobs=True, top_logprobs=5, temperature=0)
+        reranker = LikelihoodRerank(llm=llm, top_n=1, cache="memory")
+        assert reranker.rerank("espresso", nodes).nodes[0].node.get_content() == "espresso shot"
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG):
+            copies = [pickle.loads(pickle.dumps(reranker)), copy.deepcopy(reranker), reranker.model_copy(deep=True)]
+        assert caplog.records == [], "nothing dropped from the pickle with a warning on the root logger"
+        for twin in copies:
+            assert twin.rerank("espresso", nodes).nodes[0].node.get_content() == "espresso shot"
+        assert len(stub.chat_requests) == 4, "each copy judged anew: its memory store is its own"
