@@ -79,6 +79,7 @@ async def test_a_cancelled_rerank_ends_at_once_and_is_never_retried(how, caplog)
     assert reranker._call_limit.in_use == 0
 
 
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="sends SIGINT to the main thread (POSIX)")
 @pytest.mark.parametrize("windows", [1, 5])
 def test_ctrl_c_during_a_sync_rerank_surfaces_at_once_and_starts_nothing(windows):
     gate = threading.Event()
