@@ -221,6 +221,12 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         """'memory' and paths go into ``to_dict()``; a KV store object cannot, so it is dumped as None."""
         return None if value is None or isinstance(value, BaseKVStore) else str(value)
 
+    def __copy__(self) -> "LikelihoodRerank":
+        """A shallow copy (``model_copy()``) builds its own limit and store too, as a deep copy does."""
+        twin = super().__copy__()
+        twin._derived = _Derived()
+        return twin
+
     @classmethod
     def class_name(cls) -> str:
         return "LikelihoodRerank"

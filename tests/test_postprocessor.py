@@ -248,6 +248,9 @@ def test_a_used_reranker_deep_copies_and_pickles_without_a_word(caplog):
         assert twin.top_n == 2 and twin.cache == "memory"
         assert twin._call_limit is not reranker._call_limit and twin._judgement_cache is not reranker._judgement_cache
         assert len(twin.rerank("q", nodes).nodes) == 2
+    limit = reranker._call_limit
+    shallow = reranker.model_copy(update={"max_concurrency": 1})
+    assert shallow._call_limit.size == 1 and reranker._call_limit is limit, "a shallow copy builds its own, too"
 
 
 # 7. token budget ---------------------------------------------------------------------------------------------------
