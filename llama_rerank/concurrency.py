@@ -18,6 +18,7 @@ it is blocked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import threading
 from collections import deque
@@ -252,10 +253,15 @@ def _drive(loop: asyncio.AbstractEventLoop, make: Callable[..., Awaitable[T]], a
     try:
         return loop.run_until_complete(make(*args))
     finally:  # after Ctrl-C (raised wherever this thread was) or an error: every task still running is cancelled
-        pending = _cancel_all(loop)
-        if pending:
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.close()
+        try:
+            for _ in range(10):  # Ctrl-C inside a task reaches the loop again through each task awaiting that one
+                pending = _cancel_all(loop)
+                if not pending:
+                    break
+                with contextlib.suppress(BaseException):  # those echoes, or the loop stopping early because of one
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        finally:
+            loop.close()  # threads of abandoned calls then give their slots back themselves
 
 
 def _cancel_all(loop: asyncio.AbstractEventLoop) -> set[asyncio.Task[Any]]:

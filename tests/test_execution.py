@@ -90,6 +90,7 @@ def test_ctrl_c_during_a_sync_rerank_surfaces_at_once_and_starts_nothing(windows
 
     def press_ctrl_c():
         wait_until(lambda: llm.in_flight == started)
+        time.sleep(0.2)  # let the main thread settle into waiting (an interrupt inside C code can upset CPython 3.11)
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     threading.Thread(target=press_ctrl_c, daemon=True).start()
@@ -103,6 +104,20 @@ def test_ctrl_c_during_a_sync_rerank_surfaces_at_once_and_starts_nothing(windows
     time.sleep(0.2)
     assert len(llm.prompts) == started, "no window started after Ctrl-C"
     wait_until(lambda: reranker._call_limit.in_use == 0)  # the abandoned calls' threads gave their slots back
+
+
+def test_ctrl_c_raised_inside_a_window_stops_the_rerank_and_frees_every_slot():
+    """KeyboardInterrupt that reaches a task (here: the LLM call raises it) rather than the waiting loop."""
+    gate = threading.Event()
+    llm = ScriptedLLM(lambda p, c: KeyboardInterrupt() if c == 2 else (gate.wait(30) and labels(p)))
+    reranker = LikelihoodRerank(llm=llm, window_size=1, max_concurrency=3, timeout=60)
+    with pytest.raises(KeyboardInterrupt):
+        reranker.rerank("q", make_nodes([f"passage {i}" for i in range(6)]))
+    gate.set()
+    wait_until(lambda: llm.in_flight == 0)
+    time.sleep(0.2)
+    assert len(llm.prompts) == 3, "no window started after Ctrl-C"
+    wait_until(lambda: reranker._call_limit.in_use == 0)
 
 
 # -- a permanent error stops everything -----------------------------------------------------------------------------
