@@ -244,6 +244,8 @@ def _run(args: argparse.Namespace) -> int:
         print(format_report(reports[-1]))
     if args.command == "demo":
         print()
+        if args.llm == "local" and not saved:
+            print(pipeline.LOCAL_QUALITY_NOTE)
         print(format_moves(reports))
     return 0
 

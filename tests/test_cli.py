@@ -5,7 +5,7 @@ import pytest
 
 from llama_rerank import LikelihoodRerank, LlamaRerankError
 from llama_rerank.cli import format_moves, format_report, main
-from llama_rerank.pipeline import QueryReport, demo_corpus, make_llm, reranker_defaults, score_legend
+from llama_rerank.pipeline import LOCAL_QUALITY_NOTE, QueryReport, demo_corpus, make_llm, reranker_defaults, score_legend
 from llama_rerank.types import RerankUsage
 from conftest import make_nodes
 from fakes import ScriptedLLM, label_by_keyword, passages, query_of
@@ -125,6 +125,7 @@ def test_demo_reports_where_each_known_answer_went_and_answers_from_the_top_n(tm
     assert "* known answer passage (29-milk-screeching.md): rank 2 before reranking, 2 after: stayed" in out
     assert "* known answer passage (24-cleaning-without-three-way.md): rank 3 before reranking, 10 after: down" in out
     assert out.rstrip().endswith("Known answer passages over 3 queries: moved up 1, down 1, stayed 1; at rank 1: 0 before reranking, 1 after.")
+    assert LOCAL_QUALITY_NOTE in " ".join(out.split())  # the bundled model's measured quality, said plainly
     assert out.count("The known answer passage says:") == 3 and queries[0]["answer_fact"][:40] in " ".join(out.split())
     answer_prompts = [p for p in llm.prompts if "<passage" not in p]
     assert len(answer_prompts) == 3 and all(p.count("file_name: ") == 3 for p in answer_prompts)  # --top-n 3 of 10
