@@ -440,3 +440,14 @@ def test_ctrl_c_ends_the_run_keeps_what_was_judged_and_the_same_command_resumes(
     assert calls(llm, "questions") == 0 and calls(llm, "rerank") <= 8 - len(kept)
     judged = (out / "judged.jsonl").read_text().splitlines()
     assert len(judged) == 8 and judged[: len(kept)] == kept
+
+
+def test_the_bundled_models_new_port_each_run_does_not_hide_what_the_last_run_recorded():
+    from llama_index.llms.openai_like import OpenAILike
+
+    def like(base, model="qwen"):
+        return OpenAILike(api_base=base, model=model, api_key="x", is_chat_model=True)
+
+    assert qs.llm_key(like("http://127.0.0.1:41234/v1")) == qs.llm_key(like("http://127.0.0.1:9/v1"))  # a dry run's too
+    assert qs.llm_key(like("http://127.0.0.1:41234/v1")) != qs.llm_key(like("http://127.0.0.1:41234/v1", "other"))
+    assert qs.llm_key(like("https://llm.example.com/v1")) != qs.llm_key(like("https://other.example.com/v1"))

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+from urllib.parse import urlparse
 
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.llms import LLM
@@ -38,6 +39,7 @@ COPY_RUN = 8  # a question sharing this many consecutive words with its passage 
 MIN_PASSAGE_WORDS = 20  # shorter passages (titles, stray lines) are not asked about
 QUESTION_TOKENS = 96
 REPLIES_FILE = "replies.jsonl"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 NONE = "NONE"
 QUESTION_PROMPT = (
     "Write one question that the passage below answers. Someone who has never seen the passage should understand "
@@ -55,6 +57,16 @@ class Question:
     text: str
     relevant: dict[str, int]
     source: str | None = None
+
+
+def llm_key(llm: LLM) -> str:
+    """Which LLM a logged reply or judgement came from: its class, model name and API base, except that a server on
+    this machine is just "loopback" (the bundled model's server gets a new port every run, and a rerun must find
+    what the last one recorded)."""
+    base = getattr(llm, "api_base", None) or getattr(llm, "azure_endpoint", None)
+    if base and urlparse(str(base)).hostname in LOOPBACK:
+        base = "loopback"
+    return json.dumps([type(llm).__name__, llm.metadata.model_name, base])
 
 
 def words(text: str) -> list[str]:
@@ -105,7 +117,7 @@ class QuestionWriter:
     def __init__(self, llm: LLM, folder: Path, timeout: float | None = 900.0, max_retries: int = 2, workers: int = 4) -> None:
         self.llm, self.workers = llm, workers
         self.caller = LLMCaller(Provider(llm), resolve_encoder(llm), max_retries, timeout)
-        self.model = model_identity(llm)
+        self.model, self.key = model_identity(llm), llm_key(llm)
         self.log = folder / REPLIES_FILE
         self.replies: dict[str, str] = {}
         if self.log.exists():
@@ -114,7 +126,7 @@ class QuestionWriter:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a torn last line: that passage is asked again
-                if record.get("llm") == self.model:
+                if record.get("llm") == self.key:
                     self.replies[record["passage"]] = record["reply"]
 
     def ask(self, passage_id: str, passage: str) -> str | None:
@@ -129,7 +141,7 @@ class QuestionWriter:
             logger.warning("question LLM failed on passage %s (%s: %s); it is skipped", passage_id, type(exc).__name__, exc)
             return None
         with self.log.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"passage": passage_id, "llm": self.model, "reply": reply}, ensure_ascii=False) + "\n")
+            handle.write(json.dumps({"passage": passage_id, "llm": self.key, "reply": reply}, ensure_ascii=False) + "\n")
         self.replies[passage_id] = reply
         return reply
 

@@ -28,9 +28,8 @@ from llama_index.core.schema import NodeWithScore
 
 from llama_rerank.eval.metrics import NDCG, doc_ranking, per_query, recall_key
 from llama_rerank.postprocessor import LikelihoodRerank, RerankResult
-from llama_rerank.providers import model_identity
 from llama_rerank.scoring import fuse, order
-from llama_rerank.tune.questions import Question, relevant_unit
+from llama_rerank.tune.questions import Question, llm_key, relevant_unit
 from llama_rerank.types import Candidate, Judgement
 
 JUDGED_FILE = "judged.jsonl"
@@ -138,7 +137,7 @@ class Judging:
 
     def __init__(self, folder: Path, llm: LLM, options: dict[str, Any]) -> None:
         self.folder, self.llm, self.options = folder, llm, options
-        self.model = model_identity(llm)
+        self.model = llm_key(llm)
         self.path = folder / JUDGED_FILE
         self.done: dict[tuple[int, int, str, str], Judged] = {}
         self._lock = threading.Lock()  # records arrive on the batch's threads
