@@ -54,4 +54,4 @@ bench: $(STAMP)
 
 # Re-run the notebooks and store their outputs (what readers see on the web).
 notebooks: $(STAMP)
-	cd notebooks && $(abspath $(VENV))/bin/jupyter-execute --inplace --timeout=900 quickstart.ipynb evaluation.ipynb
+	cd notebooks && $(abspath $(VENV))/bin/jupyter-execute --inplace --timeout=900 quickstart.ipynb evaluation.ipynb should_i_rerank.ipynb

@@ -10,8 +10,8 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 MACHINE_PATH = re.compile(r"/(root|tmp|work)/|/home/\w|/Users/\w|[A-Z]:\\\\")
 
 
-def test_there_are_two_notebooks():
-    assert [p.name for p in NOTEBOOKS] == ["evaluation.ipynb", "quickstart.ipynb"]
+def test_there_are_three_notebooks():
+    assert [p.name for p in NOTEBOOKS] == ["evaluation.ipynb", "quickstart.ipynb", "should_i_rerank.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
