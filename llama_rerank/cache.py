@@ -195,16 +195,32 @@ def _stable(value: Any) -> Any:
     return f"{named.__module__}.{named.__qualname__}"
 
 
+_ENDPOINT_NAMES: dict[str, str] = {}  # API base -> a stable name (see name_endpoint)
+
+
+def name_endpoint(api_base: str, name: str) -> None:
+    """Key what is judged through ``api_base`` under ``name`` instead of the address: the bundled model's server
+    gets a new port every run (``llama_rerank.runtime.server.local_llm`` names it), and its judgements must still be
+    found by the next process. Only an address the caller knows to serve that model is named."""
+    _ENDPOINT_NAMES[api_base.rstrip("/")] = name
+
+
+def endpoint(llm: LLM) -> Optional[str]:
+    """Where ``llm`` is served, as a stable value: its API base (or Azure endpoint), or the name given to it."""
+    base = getattr(llm, "api_base", None) or getattr(llm, "azure_endpoint", None)
+    return _ENDPOINT_NAMES.get(str(base).rstrip("/"), base) if base else None
+
+
 def model_key(llm: LLM) -> dict[str, Any]:
-    """The model as a stable value: its class, model name and API base, and every field of the LLM except
-    :data:`TRANSPORT_FIELDS` (so each request option it sends: temperature, top_logprobs, ``additional_kwargs``...).
-    Not built from any message text."""
+    """The model as a stable value: its class, model name and :func:`endpoint`, and every other field of the LLM
+    except :data:`TRANSPORT_FIELDS` (so each request option it sends: temperature, top_logprobs,
+    ``additional_kwargs``...). Not built from any message text."""
     cls = type(llm)
     return {
         "class": f"{cls.__module__}.{cls.__qualname__}",
         "model": llm.metadata.model_name,
-        "api_base": getattr(llm, "api_base", None) or getattr(llm, "azure_endpoint", None),
-        "fields": llm.model_dump(exclude=set(TRANSPORT_FIELDS)),
+        "api_base": endpoint(llm),
+        "fields": llm.model_dump(exclude=set(TRANSPORT_FIELDS) | {"api_base", "azure_endpoint"}),
     }
 
 

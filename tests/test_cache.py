@@ -204,6 +204,18 @@ def test_another_api_base_does_not_share_judgements():
         assert len(stub.chat_requests) == 1 and len(elsewhere.chat_requests) == 1
 
 
+def test_the_bundled_models_judgements_outlive_its_servers_port(tmp_path):
+    """Each run of the bundled model gets a server on a new port: the cache keys it by name, not address."""
+    from llama_rerank.runtime.server import local_llm
+
+    store = tmp_path / "judgements.sqlite"
+    with StubServer("llamacpp") as first, StubServer("llamacpp") as next_run:
+        wire_rerank(local_llm(api_base=first.url), store)
+        assert wire_rerank(local_llm(api_base=next_run.url), store).usage.cache_hits == 3
+        assert len(first.chat_requests) == 1 and len(next_run.chat_requests) == 0
+        assert wire_rerank(local_llm(api_base=next_run.url, model="another-gguf"), store).usage.cache_hits == 0
+
+
 def test_the_key_does_not_depend_on_the_order_options_were_given_in():
     store = SimpleKVStore()
     with StubServer("llamacpp") as stub:

@@ -445,9 +445,13 @@ def test_ctrl_c_ends_the_run_keeps_what_was_judged_and_the_same_command_resumes(
 def test_the_bundled_models_new_port_each_run_does_not_hide_what_the_last_run_recorded():
     from llama_index.llms.openai_like import OpenAILike
 
+    from llama_rerank.runtime.server import local_llm
+
     def like(base, model="qwen"):
         return OpenAILike(api_base=base, model=model, api_key="x", is_chat_model=True)
 
-    assert qs.llm_key(like("http://127.0.0.1:41234/v1")) == qs.llm_key(like("http://127.0.0.1:9/v1"))  # a dry run's too
+    bundled = qs.llm_key(local_llm(api_base="http://127.0.0.1:41234/v1"))
+    assert bundled == qs.llm_key(local_llm(api_base="http://127.0.0.1:9/v1"))  # another run's port; a dry run's too
+    assert qs.llm_key(like("http://127.0.0.1:41234/v1")) != qs.llm_key(like("http://127.0.0.1:41235/v1"))  # not ours
     assert qs.llm_key(like("http://127.0.0.1:41234/v1")) != qs.llm_key(like("http://127.0.0.1:41234/v1", "other"))
     assert qs.llm_key(like("https://llm.example.com/v1")) != qs.llm_key(like("https://other.example.com/v1"))

@@ -31,6 +31,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from llama_rerank._extras import MissingExtraError, require
 
+from ..cache import name_endpoint
 from .model import MODEL_NAME, model_path
 
 if TYPE_CHECKING:
@@ -201,7 +202,10 @@ def local_llm(**overrides: Any) -> OpenAILike:
         "top_logprobs": 5,
         "timeout": 300.0,
     }
-    return OpenAILike(**{**settings, **overrides})
+    llm = OpenAILike(**{**settings, **overrides})
+    if llm.model == MODEL_NAME:  # the bundled model: its judgements are cached under its name, not the port
+        name_endpoint(llm.api_base, f"bundled {MODEL_NAME}")
+    return llm
 
 
 def _serve(model: str, n_ctx: int, slots: int, threads: int) -> None:

@@ -23,12 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
-from urllib.parse import urlparse
 
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.llms import LLM
 
 from llama_rerank.budget import resolve_encoder
+from llama_rerank.cache import endpoint
 from llama_rerank.errors import LLMConfigError, LlamaRerankError
 from llama_rerank.llm import LLMCaller
 from llama_rerank.providers import Provider, model_identity
@@ -39,7 +39,6 @@ COPY_RUN = 8  # a question sharing this many consecutive words with its passage 
 MIN_PASSAGE_WORDS = 20  # shorter passages (titles, stray lines) are not asked about
 QUESTION_TOKENS = 96
 REPLIES_FILE = "replies.jsonl"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 NONE = "NONE"
 QUESTION_PROMPT = (
     "Write one question that the passage below answers. Someone who has never seen the passage should understand "
@@ -60,13 +59,9 @@ class Question:
 
 
 def llm_key(llm: LLM) -> str:
-    """Which LLM a logged reply or judgement came from: its class, model name and API base, except that a server on
-    this machine is just "loopback" (the bundled model's server gets a new port every run, and a rerun must find
-    what the last one recorded)."""
-    base = getattr(llm, "api_base", None) or getattr(llm, "azure_endpoint", None)
-    if base and urlparse(str(base)).hostname in LOOPBACK:
-        base = "loopback"
-    return json.dumps([type(llm).__name__, llm.metadata.model_name, base])
+    """Which LLM a logged reply or judgement came from: its class, model name and endpoint (the bundled model's
+    server is named, not addressed: it gets a new port every run, and a rerun must find what the last one recorded)."""
+    return json.dumps([type(llm).__name__, llm.metadata.model_name, endpoint(llm)])
 
 
 def words(text: str) -> list[str]:
