@@ -74,7 +74,7 @@ LOCAL_RERANK_SETTINGS: dict[str, Any] = {
 # What those settings were measured to do (docs/EVALUATION.md, "Two collections"); the demo prints it.
 LOCAL_QUALITY_NOTE = (
     "The bundled 1.5B model is a weak judge: on held-out queries of two public collections (Cranfield, SciFact) its "
-    "reranking was level with the first stage, not better (docs/EVALUATION.md). This demo shows how reranking works, "
+    "reranking was level with the first stage or below it (docs/EVALUATION.md). This demo shows how reranking works, "
     "not a measured gain."
 )
 
