@@ -24,11 +24,13 @@ from llama_index.core.llms.custom import CustomLLM
 
 @dataclass
 class Reply:
-    """What the fake says: text, optional per-token logprobs, an optional delay before answering."""
+    """What the fake says: text, optional per-token logprobs, an optional delay before answering (or before raising
+    ``error``, an exception the call ends in after that delay)."""
 
     text: str
     logprobs: Optional[List[List[LogProb]]] = None
     delay: float = 0.0
+    error: Optional[BaseException] = None
 
 
 Script = Callable[[str, int], Union[str, Reply, BaseException]]
@@ -118,6 +120,8 @@ class ScriptedLLM(CustomLLM):
         try:
             reply = self._next(prompt, kwargs)
             time.sleep(reply.delay)
+            if reply.error is not None:
+                raise reply.error
             return reply
         finally:
             self._leave()
@@ -127,6 +131,8 @@ class ScriptedLLM(CustomLLM):
         try:
             reply = self._next(prompt, kwargs)
             await asyncio.sleep(reply.delay)
+            if reply.error is not None:
+                raise reply.error
             return reply
         finally:
             self._leave()

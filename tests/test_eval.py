@@ -307,8 +307,11 @@ class Stop(BaseException):
 
 
 def _stop_on(query: str):
+    """Interrupt the run on ``query``'s call, a moment after it started: queries overlap in a batch, and an
+    interruption cancels those still running, so the other query gets time to finish and be saved."""
+
     def script(prompt, call):
-        return Stop() if query in prompt else answer(prompt, call)
+        return Reply("", delay=2.0, error=Stop()) if query in prompt else answer(prompt, call)
 
     return script
 
