@@ -47,6 +47,16 @@ def test_a_collection_name_loads_from_the_data_folder(tmp_path, monkeypatch):
     assert (data.format, data.corpus, data.queries, data.qrels) == ("beir", {"d1": "T\nbody"}, {"q1": "question"}, {"q1": {"d1": 1}})
 
 
+def test_a_bare_name_is_a_collection_only_when_nothing_here_has_that_name(tmp_path, monkeypatch):
+    (tmp_path / "data" / "tiny").mkdir(parents=True)
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "tiny").write_text("a questions file of the user's")
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "data"))
+    assert datasets.resolve("tiny") == tmp_path / "data" / "tiny"  # what `tune cranfield --queries cranfield` relies on
+    monkeypatch.chdir(tmp_path / "here")
+    assert datasets.resolve("tiny").resolve() == tmp_path / "here" / "tiny"
+
+
 def test_the_bundled_demo_corpus_loads_as_known_answers():
     from llama_rerank.pipeline import demo_corpus
 

@@ -72,14 +72,20 @@ def collection_dir(name: str) -> Path:
     )
 
 
+def resolve(path: str | Path) -> Path:
+    """``path`` as given; a bare name that is nothing here (``cranfield``) is a collection looked up in :func:`data_root`."""
+    folder = Path(path).expanduser()
+    if not folder.exists() and len(folder.parts) == 1:
+        return collection_dir(str(folder))
+    return folder
+
+
 def load_dataset(path: str | Path, split: str | None = None) -> Dataset:
     """Read a BEIR-layout folder (judgments of ``qrels/{split}.tsv``; ``split`` None: see :func:`load_beir`), a Cranfield folder or a known-answers folder.
 
-    A bare name that is not a folder here (``cranfield``) is looked up in :func:`data_root`.
+    A bare name is resolved as :func:`resolve` does.
     """
-    folder = Path(path).expanduser()
-    if not folder.is_dir() and len(folder.parts) == 1:
-        folder = collection_dir(str(folder))
+    folder = resolve(path)
     if not folder.is_dir():
         raise EvalError(f"{folder} is not a folder: give a BEIR-layout folder, the Cranfield folder or a collection name")
     if all((folder / name).is_file() for name in CRANFIELD_FILES):

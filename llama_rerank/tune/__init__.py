@@ -32,7 +32,7 @@ def _numbers(kind: type) -> Any:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``tune`` subcommand's arguments (``--dry-run`` and ``--prices`` are added by the CLI)."""
     parser.add_argument("docs", type=Path, nargs="?", default=None,
-                        help="a folder of documents (indexed into OUT/index), or a BEIR-layout/Cranfield folder; omit it with --store")  # fmt: skip
+                        help="a folder of documents (indexed into OUT/index), a BEIR-layout/Cranfield folder or a collection name (cranfield); omit it with --store")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True, help="folder for settings.json, report.md and everything a rerun resumes from")
     parser.add_argument("--store", default=None, help="an existing Chroma directory or URL to tune over instead of DOCS")
     parser.add_argument("--collection", default=None, help="its collection (default: llama_rerank, the ingest default)")
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model name to ask a server URL for")
     parser.add_argument("--question-llm", default=None, help="the LLM that writes synthetic questions (default: the judge)")
     parser.add_argument("--queries", default="synthetic",
-                        help="'synthetic' (default), a JSONL file of {query, relevant: [ids]}, or a BEIR-layout/Cranfield folder")  # fmt: skip
+                        help="'synthetic' (default), a JSONL file of {query, relevant: [ids]}, a BEIR-layout/Cranfield folder or a collection name")  # fmt: skip
     parser.add_argument("--n-queries", type=int, default=40, help="questions to write (or to take from --queries) (default: %(default)s)")
     parser.add_argument("--budget-minutes", type=float, default=None,
                         help="time budget: settings that would not fit at the pace seen so far are skipped (the first and the held-out check always run)")  # fmt: skip

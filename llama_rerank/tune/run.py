@@ -73,6 +73,9 @@ def _index(out: Path, docs: Path | None, store: str | None, collection: str, emb
         if store is None:
             raise LlamaRerankError("give a folder of documents to tune on, or an existing store with --store (and --collection)")
         return str(store), collection
+    from llama_rerank.eval.datasets import resolve
+
+    docs = resolve(docs)
     location = str(store or out / "index")
     if _is_dataset(docs):
         from llama_rerank.eval.datasets import load_dataset
@@ -119,7 +122,9 @@ def plan(
                 questions, dropped = qs.synthetic(writer, passages, n_queries, bar.update)
         source = f"synthetic: one question per sampled passage, written by {writer.model}"
     else:
-        path = Path(queries).expanduser()
+        from llama_rerank.eval.datasets import resolve
+
+        path = resolve(queries)
         if path.is_dir():
             questions, source = qs.from_dataset(path), f"the judged queries of {path.name}"
         elif path.is_file():
