@@ -117,12 +117,21 @@ def test_synthetic_drops_failures_copies_and_duplicates_and_a_rerun_asks_only_wh
     found, dropped = qs.synthetic(writer, order, n=6)
     assert [q.text for q in found] == ["What does the snarvic do in the kitchen?", "What does the tweedle do in the kitchen?"]
     assert [q.relevant for q in found] == [{"p2": 1}, {"p5": 1}]  # frandle came first; snarvic repeated it
-    assert dropped == {"failed": 1, "copied": 1, "duplicate": 1, "unwritten": 1}
+    assert dropped == {"failed": 1, "copied": 1, "duplicate": 1, "unwritten": 1, "over budget": 0}
     assert len(llm.prompts) == 6
     again = ScriptedLLM(writer_script)
     found_again, _ = qs.synthetic(qs.QuestionWriter(again, tmp_path, max_retries=0), order, n=6)
     assert [q.text for q in found_again] == [q.text for q in found]
     assert len(again.prompts) == 1 and "zorblax" in again.prompts[0]  # only the failed passage is asked again
+
+
+def test_question_writing_stops_when_out_of_time_but_not_before_the_minimum(tmp_path):
+    texts = sorted((f"p{i}", DOC.format(name=GADGETS[i], action=ACTIONS[i], price=i)) for i in range(len(GADGETS)))
+    llm = ScriptedLLM(lambda prompt, call: f"What does the {gadget(prompt.split('Passage:')[1])} do?")
+    writer = qs.QuestionWriter(llm, tmp_path, workers=1)
+    found, dropped = qs.synthetic(writer, texts, n=len(texts), out_of_time=lambda: True)
+    assert len(found) == len(llm.prompts) == qs.MIN_QUESTIONS  # the budget is spent, but a tune needs four
+    assert dropped["over budget"] == len(texts) - qs.MIN_QUESTIONS
 
 
 def test_a_question_file_needs_relevant_ids_and_says_where_it_is_wrong(tmp_path):
@@ -200,14 +209,17 @@ def test_with_a_judge_that_knows_the_answer_the_held_out_check_finds_it_first(tm
     assert result.top_n == 1  # Recall@1 is already 1: no need for more passages
 
 
-def test_the_budget_skips_the_pairs_that_would_not_fit_but_keeps_the_first_and_the_held_out_check(tmp_path, docs, embed_model, monkeypatch):
+def test_the_budget_bounds_the_questions_and_skips_the_pairs_that_would_not_fit_but_keeps_the_first_and_the_held_out_check(
+    tmp_path, docs, embed_model, monkeypatch
+):
     clock = iter(range(0, 10_000, 100))  # every reading is 100 s later: the first pair's pace is far over a 1-minute budget
     monkeypatch.setattr(run, "clock", lambda: float(next(clock)))
     llm = ScriptedLLM(script)
     result = tune(tmp_path / "out", docs, llm, embed_model, top_ks=(5, 10), budget_minutes=1)
+    assert len(result.plan.questions) == qs.MIN_QUESTIONS and result.plan.dropped["over budget"] == 8 - qs.MIN_QUESTIONS
     assert result.skipped == [(10, 5)]
     assert result.chosen.setting.k == 5
-    assert calls(llm, "rerank") == 8
+    assert calls(llm, "rerank") == qs.MIN_QUESTIONS  # two tune questions at K=5, two held out
 
 
 def test_too_few_questions_is_an_error_that_says_what_to_do(tmp_path, embed_model):

@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'synthetic' (default), a JSONL file of {query, relevant: [ids]}, a BEIR-layout/Cranfield folder or a collection name")  # fmt: skip
     parser.add_argument("--n-queries", type=int, default=40, help="questions to write (or to take from --queries) (default: %(default)s)")
     parser.add_argument("--budget-minutes", type=float, default=None,
-                        help="time budget: settings that would not fit at the pace seen so far are skipped (the first and the held-out check always run)")  # fmt: skip
+                        help="time budget: question writing stops at a quarter of it (once 4 are written); settings that would not fit at the pace seen so far are skipped (the first and the held-out check always run)")  # fmt: skip
     parser.add_argument("--top-k", type=_numbers(int), default=[10, 20], help="first-stage candidates K to try (default: 10,20)")
     parser.add_argument("--window-size", type=_numbers(int), default=[10], help="window sizes to try (default: 10)")
     parser.add_argument("--weights", type=_numbers(float), default=[0.0, 0.25, 0.5, 0.75],

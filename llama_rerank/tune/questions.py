@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 COPY_RUN = 8  # a question sharing this many consecutive words with its passage is a copy
 MIN_PASSAGE_WORDS = 20  # shorter passages (titles, stray lines) are not asked about
+MIN_QUESTIONS = 4  # two to tune on, two held out
 QUESTION_TOKENS = 96
 REPLIES_FILE = "replies.jsonl"
 NONE = "NONE"
@@ -142,20 +143,25 @@ class QuestionWriter:
 
 
 def synthetic(
-    writer: QuestionWriter, passages: Sequence[tuple[str, str]], n: int, on_reply: Callable[[], object] = lambda: None
+    writer: QuestionWriter, passages: Sequence[tuple[str, str]], n: int, on_reply: Callable[[], object] = lambda: None,
+    out_of_time: Callable[[], bool] = lambda: False,
 ) -> tuple[list[Question], dict[str, int]]:
     """Up to ``n`` questions from ``passages`` (in order), and how many replies were dropped for each reason.
 
     Passages are asked ``writer.workers`` at a time, in rounds of as many as are still missing, until ``n`` are kept
-    or the passages run out.
+    or the passages run out. Once ``out_of_time()`` and at least :data:`MIN_QUESTIONS` are kept, no more is asked
+    (the questions not written count as ``over budget``).
     """
     questions: list[Question] = []
     kept: set[str] = set()
-    dropped = {"unwritten": 0, "copied": 0, "duplicate": 0, "failed": 0}
+    dropped = {"unwritten": 0, "copied": 0, "duplicate": 0, "failed": 0, "over budget": 0}
     position = 0
     with ThreadPoolExecutor(writer.workers, "llama-rerank-questions") as pool:
         while len(questions) < n and position < len(passages):
-            batch = passages[position : position + n - len(questions)]
+            if len(questions) >= MIN_QUESTIONS and out_of_time():
+                dropped["over budget"] = n - len(questions)
+                break
+            batch = passages[position : position + min(n - len(questions), writer.workers)]
             position += len(batch)
             replies = list(pool.map(lambda item: writer.ask(*item), batch))
             for (passage_id, text), reply in zip(batch, replies):

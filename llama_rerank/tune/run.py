@@ -3,8 +3,9 @@ chosen settings on the held-out split, calibrate, and write ``settings.json`` an
 
 Everything a run produces lives in the output folder (the index, ``replies.jsonl``, ``queries.jsonl``,
 ``judged.jsonl``, ``judgements/``), so a second run with the same arguments sends no LLM call. The budget
-(``budget_minutes``) decides which (K, window) pairs are tried: the first pair and the held-out check always run;
-each further pair runs only if, at the pace observed so far, it and a held-out check at its K still fit.
+(``budget_minutes``) bounds the question writing to :data:`QUESTION_SHARE` of it (beyond the minimum of four), and
+decides which (K, window) pairs are tried: the first pair and the held-out check always run; each further pair runs
+only if, at the pace observed so far, it and a held-out check at its K still fit.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ COLLECTION = "tune"
 FUSION_KEYS = ("retrieval_weight", "normalize", "top_n", "window_size", "min_score")
 STAND_IN_WORDS = 20
 clock = time.monotonic  # the budget's clock
+QUESTION_SHARE = 0.25  # of the budget, for writing questions: the rest is for judging
 QUESTION_ANSWER_TOKENS = 30  # what a dry run counts for one written question  # a dry run stands in for a question not yet written with its passage's first words
 
 
@@ -96,16 +98,18 @@ def _is_dataset(path: Path) -> bool:
 def plan(
     out: Path, docs: Path | None, *, store: str | None, collection: str, embed_model: BaseEmbedding, queries: str,
     n_queries: int, seed: int, question_llm: LLM | None, top_k: int, progress: bool, stand_in: bool = False,
+    questions_until: float = math.inf,
 ) -> Plan:  # fmt: skip
     """Index, questions, first-stage candidates. ``stand_in`` (a dry run): no LLM call; a passage whose question
-    is not in ``replies.jsonl`` yet stands in with its first words."""
+    is not in ``replies.jsonl`` yet stands in with its first words. No question is asked after ``questions_until``
+    (on :data:`clock`) once the minimum is written."""
     out.mkdir(parents=True, exist_ok=True)
     location, collection = _index(out, docs, store, collection, embed_model, progress)
     dropped: dict[str, int] = {}
     unwritten: list[str] = []
     if queries == "synthetic":
-        if n_queries < 4:
-            raise LlamaRerankError(f"--n-queries must be at least 4 (two to tune on, two held out), got {n_queries}")
+        if n_queries < qs.MIN_QUESTIONS:
+            raise LlamaRerankError(f"--n-queries must be at least {qs.MIN_QUESTIONS} (two to tune on, two held out), got {n_queries}")
         coll = stores.open_collection(location, collection, embed_model, create=False)
         got = coll.get(include=["documents"])
         passages = qs.sample(zip(got["ids"], got["documents"]), seed)
@@ -119,7 +123,7 @@ def plan(
             unwritten = [text for pid, text in chosen if pid not in writer.replies]
         else:
             with tqdm(total=n_queries, desc="questions", unit="passage", disable=not progress) as bar:
-                questions, dropped = qs.synthetic(writer, passages, n_queries, bar.update)
+                questions, dropped = qs.synthetic(writer, passages, n_queries, bar.update, lambda: clock() > questions_until)
         source = f"synthetic: one question per sampled passage, written by {writer.model}"
     else:
         from llama_rerank.eval.datasets import resolve
@@ -132,8 +136,8 @@ def plan(
         else:
             raise LlamaRerankError(f"--queries {queries}: use 'synthetic', a JSONL file of questions, or a BEIR-layout/Cranfield folder")
         questions = questions[:n_queries] if n_queries else questions
-    if len(questions) < 4:
-        raise LlamaRerankError(f"only {len(questions)} usable questions (dropped: {dropped}); a tune needs at least 4: "
+    if len(questions) < qs.MIN_QUESTIONS:
+        raise LlamaRerankError(f"only {len(questions)} usable questions (dropped: {dropped}); a tune needs at least {qs.MIN_QUESTIONS}: "
                                "use more documents, a larger --n-queries, or another --question-llm")  # fmt: skip
     if not stand_in:
         qs.save(out / "queries.jsonl", questions)
@@ -248,7 +252,7 @@ def tune(
     pairs = sorted({(k, w) for k in top_ks for w in windows})
     the_plan = plan(out, Path(docs).expanduser() if docs else None, store=store, collection=collection, embed_model=embed_model,
                     queries=queries, n_queries=n_queries, seed=seed, question_llm=question_llm or llm, top_k=max(top_ks),
-                    progress=progress)  # fmt: skip
+                    progress=progress, questions_until=started + QUESTION_SHARE * (deadline - started))  # fmt: skip
     tune_qs, held_qs = sweep.split(the_plan.questions)
     options = {k: v for k, v in pipeline.reranker_defaults(llm_spec).items() if k not in FUSION_KEYS}
     judging = sweep.Judging(out, llm, options)
