@@ -2,7 +2,7 @@
 chosen settings on the held-out split, calibrate, and write ``settings.json`` and ``report.md``.
 
 Everything a run produces lives in the output folder (the index, ``replies.jsonl``, ``queries.jsonl``,
-``judged.jsonl``, ``judgements/``), so a second run with the same arguments sends no LLM call. The budget
+``judged.jsonl``, ``judgements.sqlite``), so a second run with the same arguments sends no LLM call. The budget
 (``budget_minutes``) bounds the question writing to :data:`QUESTION_SHARE` of it (beyond the minimum of four), and
 decides which (K, window) pairs are tried: the first pair and the held-out check always run; each further pair runs
 only if, at the pace observed so far, it and a held-out check at its K still fit.

@@ -5,9 +5,10 @@ Only K and the window size change what the LLM sees, so each (K, window) pair is
 fusion off and no normalisation; every fusion weight ``w`` (and every N) is then scored offline through the
 library's own :func:`~llama_rerank.scoring.fuse` and :func:`~llama_rerank.scoring.order`, which is exactly what
 ``LikelihoodRerank(retrieval_weight=w, normalize=False)`` would return. Each judged question is appended to
-``judged.jsonl`` as it finishes (with its calls, tokens and rerank wall time), and each pair has its own judgement
-cache, ``judgements/k{K}-w{W}.sqlite``: a rerun skips the questions already recorded and sends no LLM call for
-them, and one interrupted mid-question resends only the windows not yet judged.
+``judged.jsonl`` as it finishes (with its calls, tokens and rerank wall time), and every window's judgement goes
+to one cache, ``judgements.sqlite``: a rerun skips the questions already recorded and sends no LLM call for them, one
+interrupted mid-question resends only the windows not yet judged, and a window two pairs share (K=20's first window
+is K=10's, at the same window size) is judged once.
 
 **Split.** Questions in id order: the 1st, 3rd, 5th... tune, the 2nd, 4th... are held out for the verdict.
 **Choice.** The (K, window, w) with the best mean nDCG@10 on the tune split; ties go to the cheaper (smaller K,
@@ -33,6 +34,7 @@ from llama_rerank.tune.questions import Question, llm_key, relevant_unit
 from llama_rerank.types import Candidate, Judgement
 
 JUDGED_FILE = "judged.jsonl"
+JUDGEMENTS_FILE = "judgements.sqlite"
 RECALL_SLACK = 0.05
 SIGNAL = "rank"
 
@@ -152,8 +154,7 @@ class Judging:
                     continue  # a torn last line: that question is judged again (its windows come from the cache)
 
     def reranker(self, k: int, window: int) -> LikelihoodRerank:
-        cache = self.folder / "judgements" / f"k{k}-w{window}.sqlite"
-        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache = self.folder / JUDGEMENTS_FILE  # one for every pair: K=20's first window is K=10's window
         return LikelihoodRerank(llm=self.llm, **{**self.options, "top_n": k, "window_size": window,
                                                  "retrieval_weight": 0.0, "normalize": False, "cache": str(cache)})  # fmt: skip
 
