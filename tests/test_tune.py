@@ -5,6 +5,9 @@ the report's verdict. Embeddings and Chroma are the real local ones; no real LLM
 
 import json
 import re
+import signal
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -132,6 +135,30 @@ def test_question_writing_stops_when_out_of_time_but_not_before_the_minimum(tmp_
     found, dropped = qs.synthetic(writer, texts, n=len(texts), out_of_time=lambda: True)
     assert len(found) == len(llm.prompts) == qs.MIN_QUESTIONS  # the budget is spent, but a tune needs four
     assert dropped["over budget"] == len(texts) - qs.MIN_QUESTIONS
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="sends SIGINT to the main thread (POSIX)")
+def test_ctrl_c_while_questions_are_written_surfaces_at_once_and_asks_nothing_more(tmp_path):
+    gate = threading.Event()
+    llm = ScriptedLLM(lambda prompt, call: gate.wait(30) and "What is it?")  # answers only once the gate opens
+    texts = sorted((f"p{i}", DOC.format(name=GADGETS[i], action=ACTIONS[i], price=i)) for i in range(len(GADGETS)))
+
+    def press_ctrl_c():
+        deadline = time.monotonic() + 10
+        while llm.in_flight < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # let the main thread settle into waiting
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            qs.synthetic(qs.QuestionWriter(llm, tmp_path, workers=2), texts, n=len(texts))
+        assert llm.in_flight == 2, "Ctrl-C waited for the calls in flight"
+    finally:
+        gate.set()
+    time.sleep(0.3)
+    assert len(llm.prompts) == 2, "a question was asked after Ctrl-C"
 
 
 def test_a_question_file_needs_relevant_ids_and_says_where_it_is_wrong(tmp_path):

@@ -19,7 +19,6 @@ import json
 import logging
 import random
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -29,6 +28,7 @@ from llama_index.core.llms import LLM
 
 from llama_rerank.budget import resolve_encoder
 from llama_rerank.cache import endpoint
+from llama_rerank.concurrency import all_or_none, run_blocking
 from llama_rerank.errors import LLMConfigError, LlamaRerankError
 from llama_rerank.llm import LLMCaller
 from llama_rerank.providers import Provider, model_identity
@@ -125,12 +125,12 @@ class QuestionWriter:
                 if record.get("llm") == self.key:
                     self.replies[record["passage"]] = record["reply"]
 
-    def ask(self, passage_id: str, passage: str) -> str | None:
+    async def ask(self, passage_id: str, passage: str) -> str | None:
         """The reply for a passage (from the log when it was answered before); None when the call failed."""
         if passage_id in self.replies:
             return self.replies[passage_id]
         try:
-            reply = self.caller.call(prompt(self.llm, passage), QUESTION_TOKENS).text
+            reply = (await self.caller.acall(prompt(self.llm, passage), QUESTION_TOKENS)).text
         except LLMConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - a transient failure drops this passage, logged; the run goes on
@@ -148,33 +148,33 @@ def synthetic(
 ) -> tuple[list[Question], dict[str, int]]:
     """Up to ``n`` questions from ``passages`` (in order), and how many replies were dropped for each reason.
 
-    Passages are asked ``writer.workers`` at a time, in rounds of as many as are still missing, until ``n`` are kept
-    or the passages run out. Once ``out_of_time()`` and at least :data:`MIN_QUESTIONS` are kept, no more is asked
-    (the questions not written count as ``over budget``).
+    Passages are asked ``writer.workers`` at a time (one round on the library's driver, so Ctrl-C or an error no
+    retry fixes stops the round's other calls at once), until ``n`` are kept or the passages run out. Once
+    ``out_of_time()`` and at least :data:`MIN_QUESTIONS` are kept, no more is asked (the questions not written count
+    as ``over budget``).
     """
     questions: list[Question] = []
     kept: set[str] = set()
     dropped = {"unwritten": 0, "copied": 0, "duplicate": 0, "failed": 0, "over budget": 0}
     position = 0
-    with ThreadPoolExecutor(writer.workers, "llama-rerank-questions") as pool:
-        while len(questions) < n and position < len(passages):
-            if len(questions) >= MIN_QUESTIONS and out_of_time():
-                dropped["over budget"] = n - len(questions)
-                break
-            batch = passages[position : position + min(n - len(questions), writer.workers)]
-            position += len(batch)
-            replies = list(pool.map(lambda item: writer.ask(*item), batch))
-            for (passage_id, text), reply in zip(batch, replies):
-                on_reply()
-                if reply is None:
-                    dropped["failed"] += 1
-                    continue
-                question, why = screen(reply, text, kept)
-                if question is None:
-                    dropped[why] += 1
-                    continue
-                kept.add(" ".join(words(question)))
-                questions.append(Question(f"q-{passage_id[:16]}", question, {passage_id: 1}, passage_id))
+    while len(questions) < n and position < len(passages):
+        if len(questions) >= MIN_QUESTIONS and out_of_time():
+            dropped["over budget"] = n - len(questions)
+            break
+        batch = passages[position : position + min(n - len(questions), writer.workers)]
+        position += len(batch)
+        replies = run_blocking(all_or_none, [writer.ask(*item) for item in batch])
+        for (passage_id, text), reply in zip(batch, replies):
+            on_reply()
+            if reply is None:
+                dropped["failed"] += 1
+                continue
+            question, why = screen(reply, text, kept)
+            if question is None:
+                dropped[why] += 1
+                continue
+            kept.add(" ".join(words(question)))
+            questions.append(Question(f"q-{passage_id[:16]}", question, {passage_id: 1}, passage_id))
     return questions, dropped
 
 
