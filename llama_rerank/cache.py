@@ -49,8 +49,8 @@ from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.llms import LLM
 from llama_index.core.storage.kvstore.types import BaseKVStore
 
+from llama_rerank.adapters import Adapter
 from llama_rerank.labels import LabelScale
-from llama_rerank.providers import Provider
 from llama_rerank.types import Judgement
 
 logger = logging.getLogger(__name__)
@@ -224,16 +224,16 @@ def model_key(llm: LLM) -> dict[str, Any]:
     }
 
 
-def cache_scope(provider: Provider, scale: LabelScale, scoring: str, max_passage_tokens: int, followups: int) -> str:
+def cache_scope(adapter: Adapter, scale: LabelScale, scoring: str, max_passage_tokens: int, followups: int) -> str:
     """What, besides the window's prompt and answer budget, decides a judgement: the model and its request options
     as the provider has been seen to accept them, the scale, how answers are read and scored, and the budgets."""
     return json.dumps(
         {
             "version": KEY_VERSION,
-            "model": model_key(provider.llm),
+            "model": model_key(adapter.llm),
             # what the reranker adds to every request: the token limit's name and reasoning room, the reasoning
             # effort, a temperature the provider forced, structured output
-            "request": provider.kwargs(0, {}),
+            "request": adapter.options(0, {}),
             "scale": [list(pair) for pair in zip(scale.labels, scale.values)],
             "scoring": scoring,
             "max_passage_tokens": max_passage_tokens,

@@ -1,21 +1,24 @@
 """``check-llm``: what an LLM supports, found with one tiny rerank (and one with structured output, where offered).
 
 It reports whether the LLM answered, whether its replies carried usable logprobs, whether it takes a JSON schema,
-whether it is a reasoning model and what the reranker adapted, the latency and tokens per candidate, and the
-settings the reranker will use with it. A refused request ends in :class:`~llama_rerank.errors.LLMConfigError`.
+whether it is a reasoning model and what the reranker adapted (the adapter's record,
+:attr:`~llama_rerank.adapters.Adapter.adaptations`), the latency and tokens per candidate, and the settings the
+reranker will use with it. A refused request ends in :class:`~llama_rerank.errors.LLMConfigError`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from llama_index.core.llms import LLM
 from llama_index.core.schema import NodeWithScore, TextNode
 
 from llama_rerank.postprocessor import LikelihoodRerank, RerankResult
-from llama_rerank.providers import is_openai_family, model_identity
+from llama_rerank.providers import model_identity
 
 QUERY = "How long should an espresso shot take to pull?"
 PASSAGES = (
@@ -53,64 +56,60 @@ class LLMCheck:
         return "\n".join(rows)
 
 
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 def _nodes() -> list[NodeWithScore]:
     return [NodeWithScore(node=TextNode(text=text, id_=f"check-{i}"), score=1 - i / 10) for i, text in enumerate(PASSAGES)]
 
 
-def _rerank(reranker: LikelihoodRerank) -> tuple[RerankResult, float, list[str]]:
-    collect = _Collect()
-    watched = [logging.getLogger(name) for name in ("llama_rerank.providers", "llama_rerank.engine", "llama_rerank.llm")]
-    for logger in watched:  # the report says what they said; do not print it twice
-        logger.addHandler(collect)
-        logger.propagate = False
-    started = time.perf_counter()
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Keep the rerank's warnings off the console meanwhile: the report says what they would (what was adapted, from
+    the adapter's record; a failure, from the usage), and it should not be said twice."""
+    package = logging.getLogger("llama_rerank")
+    level = package.level
+    package.setLevel(logging.ERROR)
     try:
-        result = reranker.rerank(QUERY, _nodes())
+        yield
     finally:
-        for logger in watched:
-            logger.removeHandler(collect)
-            logger.propagate = True
-    return result, time.perf_counter() - started, collect.lines
+        package.setLevel(level)
+
+
+def _rerank(reranker: LikelihoodRerank) -> tuple[RerankResult, float]:
+    started = time.perf_counter()
+    with _quiet():
+        result = reranker.rerank(QUERY, _nodes())
+    return result, time.perf_counter() - started
 
 
 def check_llm(llm: LLM, **settings: object) -> LLMCheck:
-    """Rerank three passages with ``llm`` (and again with structured output for OpenAI-compatible classes)."""
+    """Rerank three passages with ``llm`` (and again with structured output where its adapter can send a schema)."""
     reranker = LikelihoodRerank(llm=llm, top_n=len(PASSAGES), max_retries=0, **settings)
-    result, latency, warnings = _rerank(reranker)
+    result, latency = _rerank(reranker)
     usage, nodes = result.usage, result.nodes
     if usage.failed_windows:
         raise ConnectionError(f"{model_identity(llm)} did not answer: {'; '.join(usage.errors)}")
-    provider = reranker._calls
+    adapter = reranker._calls
     check = LLMCheck(
         llm=model_identity(llm),
         latency_s=latency,
         tokens_per_candidate=(usage.prompt_tokens + usage.completion_tokens) / len(PASSAGES),
         labelled=sum(n.node.metadata["rerank_label"] is not None for n in nodes),
         logprobs=usage.logprob_scored > 0,
-        reasoning=provider.reasoning or provider.room > 0,
-        adaptations=[w.replace(model_identity(llm) + " ", "") for w in warnings],
+        reasoning=adapter.reasoning or adapter.room > 0,
+        adaptations=[a.change for a in adapter.adaptations],
     )
-    if is_openai_family(llm):
+    if adapter.takes_schema:
         structured = LikelihoodRerank(llm=llm, top_n=len(PASSAGES), max_retries=0, structured_output=True, **settings)
-        s_result, s_latency, s_warnings = _rerank(structured)
+        s_result, s_latency = _rerank(structured)
+        s_adapter = structured._calls
         s_labelled = sum(n.node.metadata["rerank_label"] is not None for n in s_result.nodes)
-        if not structured._calls.structured:
+        if not s_adapter.structured:
             check.structured = "refused by the server (text answers work)"
         else:
             check.structured = f"yes: {s_labelled} of {len(PASSAGES)} labelled in {s_latency:.1f} s"
-        check.adaptations += [w.replace(model_identity(llm) + " ", "") for w in s_warnings if "response_format" in w]
-    kwargs = provider.kwargs(0, None)
+        check.adaptations += [a.change for a in s_adapter.adaptations if a.option == "response_format"]
+    options = adapter.options(0, None)
     check.settings = {"scoring": "logprobs" if check.logprobs else "label",
-                      **{k: v for k, v in kwargs.items() if k != "max_tokens"}}  # fmt: skip
-    if provider.room:
-        check.settings["completion tokens for reasoning"] = provider.room
+                      **{k: v for k, v in options.items() if k != "max_tokens"}}  # fmt: skip
+    if adapter.room:
+        check.settings["completion tokens for reasoning"] = adapter.room
     return check

@@ -40,6 +40,7 @@ from llama_index.core.schema import NodeWithScore, TextNode
 from llama_index.core.storage.kvstore.types import BaseKVStore
 
 from llama_rerank._extras import require
+from llama_rerank.adapters import sampled_first, without_retries
 from llama_rerank.postprocessor import METADATA_KEYS, LikelihoodRerank, RerankResult
 
 require("langchain_core", "langchain")
@@ -147,13 +148,14 @@ class LangChainChatLLM(CustomLLM):
 
 
 def _without_client_retries(chat: BaseChatModel) -> BaseChatModel:
-    """A copy of an openai-client chat model whose clients do not retry (they retry twice by default); others as they are."""
+    """A copy of an openai-client chat model (``BaseChatOpenAI``: its root clients and their chat completions) whose
+    clients do not retry (:func:`~llama_rerank.adapters.without_retries`); others as they are."""
     update: dict[str, Any] = {}
     for root, chat_completions in (("root_client", "client"), ("root_async_client", "async_client")):
         client = getattr(chat, root, None)
-        if getattr(client, "max_retries", 0) and hasattr(client, "with_options"):
-            update[root] = client.with_options(max_retries=0)
-            update[chat_completions] = update[root].chat.completions
+        quiet = without_retries(client)
+        if quiet is not client:
+            update[root], update[chat_completions] = quiet, quiet.chat.completions
     return chat.model_copy(update={"max_retries": 0, **update}) if update else chat
 
 
@@ -173,20 +175,13 @@ def _reply(message: BaseMessage, chat: bool) -> dict[str, Any]:
 
 
 def _logprobs(logprobs: Any) -> Optional[List[List[LogProb]]]:
-    """OpenAI's ``{"content": [{token, logprob, bytes, top_logprobs: [...]}]}`` as LlamaIndex ``LogProb`` lists:
-    at each position the sampled token first, then the other alternatives. ``None`` for anything else."""
+    """OpenAI's ``{"content": [{token, logprob, bytes, top_logprobs: [...]}]}`` (``ChatOpenAI`` keeps it as dicts) as
+    LlamaIndex ``LogProb`` lists, the sampled token first (:func:`~llama_rerank.adapters.sampled_first`). ``None``
+    for anything else."""
     content = logprobs.get("content") if isinstance(logprobs, dict) else None
     if not content or not all(isinstance(entry, dict) and "token" in entry and "logprob" in entry for entry in content):
         return None
-    positions = []
-    for entry in content:
-        others = [alt for alt in entry.get("top_logprobs") or [] if alt.get("token") != entry["token"]]
-        positions.append([_logprob(entry)] + [_logprob(alt) for alt in others])
-    return positions
-
-
-def _logprob(entry: dict[str, Any]) -> LogProb:
-    return LogProb(token=entry["token"], logprob=entry["logprob"], bytes=entry.get("bytes") or [])
+    return sampled_first(content)
 
 
 class RerankOptions(TypedDict, total=False):

@@ -1,6 +1,6 @@
 """One LLM call per prompt: timeout, retries of transient errors, adaptation, logprobs, token counts.
 
-A call (:meth:`LLMCaller.acall`) sends; on a refused option, lets the :class:`~llama_rerank.providers.Provider`
+A call (:meth:`LLMCaller.acall`) sends; on a refused option, lets the LLM's :class:`~llama_rerank.adapters.Adapter`
 adapt and sends again; on an empty answer cut off by the token budget (or one cut short after visible reasoning),
 sends once more with room to think; on a permanent error, raises :class:`~llama_rerank.errors.LLMConfigError`.
 Transient errors (ordinary exceptions only: cancellation and Ctrl-C are never retried) are retried around that
@@ -23,11 +23,11 @@ from llama_index.core.llms import LLM
 from llama_index.core.llms.custom import CustomLLM
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_random_exponential
 
+from llama_rerank.adapters import Adapter
 from llama_rerank.budget import Encode
 from llama_rerank.concurrency import CallLimit, Slot, blocking, in_thread, limit_for, run_blocking
 from llama_rerank.errors import LLMConfigError
-from llama_rerank.parse import answer_part
-from llama_rerank.providers import Provider, explain, is_permanent, model_identity, retry_after
+from llama_rerank.providers import explain, is_permanent, retry_after
 
 logger = logging.getLogger(__name__)
 
@@ -82,60 +82,11 @@ def _native_async(llm: LLM, chat: bool) -> bool:
     return inspect.unwrap(getattr(type(llm), name)) is not inspect.unwrap(getattr(CustomLLM, name))
 
 
-def _raw_choice(response: Any, field: str) -> Any:
-    """``field`` of the first choice of the raw OpenAI-style reply (an object or a dict), if there is one."""
-    raw = getattr(response, "raw", None)
-    choices = raw.get("choices") if isinstance(raw, dict) else getattr(raw, "choices", None)
-    if not choices:
-        return None
-    first = choices[0]
-    return first.get(field) if isinstance(first, dict) else getattr(first, field, None)
-
-
-def _finish_reason(response: Any) -> str | None:
-    return _raw_choice(response, "finish_reason")
-
-
-def _answer(response: Any) -> tuple[str, list[list[LogProb]] | None]:
-    """The answer text and, per token, the alternatives with the token actually sampled first.
-
-    LlamaIndex keeps only ``top_logprobs``; under constrained decoding (a JSON schema on llama.cpp) the sampled
-    token is often not among them, and the server may also trim what the tokens spell (llama.cpp returns the JSON
-    without the code fence the model wrote around it). Where the raw OpenAI-style reply names the sampled tokens,
-    the text is what they spell when it contains the returned content, so text and tokens line up.
-    """
-    text, logprobs = _text(response), response.logprobs or None
-    content = getattr(_raw_choice(response, "logprobs"), "content", None)
-    if not logprobs or not content or len(content) != len(logprobs):
-        return text, logprobs
-    spelled = "".join(c.token for c in content)
-    if text.strip() and text.strip() in spelled:
-        text = spelled
-    return text, [
-        [LogProb(token=c.token, logprob=c.logprob, bytes=list(c.bytes or []))] + [a for a in alts if a.token != c.token]
-        for c, alts in zip(content, logprobs)
-    ]
-
-
-def _text(response: Any) -> str:
-    return (response.message.content if hasattr(response, "message") else response.text) or ""
-
-
-def _cut_off_while_thinking(response: Any) -> bool:
-    """The token budget ran out (``finish_reason="length"``) before the answer: it is empty, or it follows
-    reasoning written into the text (``<think>``), which used up the budget meant for the labels."""
-    if _finish_reason(response) != "length":
-        return False
-    text = _text(response)
-    answer = answer_part(text)
-    return not answer.strip() or answer != text
-
-
 class LLMCaller:
-    """Calls the provider's LLM for one rendered prompt; chat or completion is decided by the prompt's type."""
+    """Calls the adapter's LLM for one rendered prompt; chat or completion is decided by the prompt's type."""
 
-    def __init__(self, provider: Provider, encode: Encode, max_retries: int, timeout: float | None) -> None:
-        self.provider = provider
+    def __init__(self, adapter: Adapter, encode: Encode, max_retries: int, timeout: float | None) -> None:
+        self.adapter = adapter
         self.encode = encode
         self.max_retries = max_retries
         self.timeout = timeout
@@ -144,15 +95,15 @@ class LLMCaller:
     async def _request(
         self, prompt: Prompt, max_tokens: int, schema: dict[str, Any] | None, grown: bool, slot: Slot | None
     ) -> Any:
-        """One request with the provider's current options, bounded by ``timeout``; ``slot`` is given back at its end.
+        """One request with the adapter's current options, bounded by ``timeout``; ``slot`` is given back at its end.
 
         A sync caller's requests, and those to an LLM without an async path of its own, run on a thread, which
         keeps the slot until the request really returns, even after the timeout has abandoned it; an async
         request is cancelled at the timeout.
         """
-        llm, chat = self.provider.llm, not isinstance(prompt, str)
+        llm, chat = self.adapter.llm, not isinstance(prompt, str)
         try:
-            kwargs = self.provider.kwargs(max_tokens, schema, grown)
+            kwargs = self.adapter.options(max_tokens, schema, grown)
             if blocking() or not _native_async(llm, chat):
                 send = (lambda: llm.chat(list(prompt), **kwargs)) if chat else (lambda: llm.complete(prompt, **kwargs))
                 request, slot = in_thread(send, slot), None  # the thread gives the slot back
@@ -168,28 +119,27 @@ class LLMCaller:
     async def _send(self, prompt: Prompt, max_tokens: int, schema: dict[str, Any] | None, limit: CallLimit | None) -> Any:
         """Send, adapt and resend until there is an answer; raise what retrying cannot fix. Each request waits for
         a slot of ``limit`` first, and is built once it has one (options refused meanwhile are not sent again)."""
-        provider, grown = self.provider, False
+        adapter, grown = self.adapter, False
         for _ in range(MAX_RESENDS):
             slot = await limit_for(limit).acquire() if limit is not None else None
             if self.refused is not None:  # another window met a permanent error while this one waited
                 if slot is not None:
                     slot.release()
                 raise self.refused
-            version = provider.version
+            version = adapter.version
             try:
                 response = await self._request(prompt, max_tokens, schema, grown, slot)
             except Exception as exc:
-                if provider.adapt(exc, version):
+                if adapter.adapt(exc, version):
                     continue
                 if is_permanent(exc):
-                    raise LLMConfigError(explain(exc, model_identity(provider.original), provider.openai)) from exc
+                    raise LLMConfigError(explain(exc, adapter.name, adapter.ADAPTS)) from exc
                 raise
-            if provider.openai and not grown and _cut_off_while_thinking(response):
+            if not grown and adapter.more_room(response):
                 grown = True
-                provider.grow()
                 continue
             return response
-        raise LLMConfigError(f"{model_identity(provider.original)} kept refusing the request after {MAX_RESENDS} adaptations")
+        raise LLMConfigError(f"{adapter.name} kept refusing the request after {MAX_RESENDS} adaptations")
 
     async def acall(
         self, prompt: Prompt, max_tokens: int, schema: dict[str, Any] | None = None, limit: CallLimit | None = None
@@ -217,8 +167,8 @@ class LLMCaller:
         return run_blocking(self.acall, prompt, max_tokens, schema)
 
     def _reply(self, prompt: Prompt, response: Any, retries: int) -> LLMReply:
-        text, logprobs = _answer(response)
-        self.provider.note_reply(bool(logprobs))
+        text, logprobs = self.adapter.read(response)
+        self.adapter.note_reply(bool(logprobs))
         counts = getattr(response, "additional_kwargs", None) or {}
         prompt_tokens = counts.get("prompt_tokens") or self.count(prompt)
         completion_tokens = counts.get("completion_tokens") or len(self.encode(text))

@@ -38,6 +38,7 @@ from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 from llama_index.core.storage.kvstore.types import BaseKVStore
 from llama_index.core.settings import Settings
 
+from llama_rerank.adapters import Adapter, adapter_for
 from llama_rerank.batch import OnResult, arun_batch, check_batch, run_batch
 from llama_rerank.budget import SAFETY_MARGIN, Encode, answer_tokens, pack_windows, resolve_encoder, truncate
 from llama_rerank.cache import JudgementCache, cache_scope, check_spec
@@ -45,7 +46,6 @@ from llama_rerank.concurrency import CallLimit
 from llama_rerank.engine import Judge
 from llama_rerank.labels import DEFAULT_SCALE, LabelScale, normalise_label
 from llama_rerank.llm import LLMCaller
-from llama_rerank.providers import Provider
 from llama_rerank.prompts import DEFAULT_RERANK_PROMPT, prompt_vars, render
 from llama_rerank.scoring import fuse, order
 from llama_rerank.types import Candidate, Judgement, RerankEstimate, RerankUsage
@@ -256,11 +256,11 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         return self._derived.get("encode", (llm, tokenizer), lambda: resolve_encoder(llm, tokenizer))
 
     @property
-    def _calls(self) -> Provider:
+    def _calls(self) -> Adapter:
         """How this instance calls its LLM: what the provider was seen to accept is remembered until ``llm`` or
         ``structured_output`` changes."""
         llm, structured = self._llm, self.structured_output
-        return self._derived.get("provider", (llm, structured), lambda: Provider(llm, structured))
+        return self._derived.get("provider", (llm, structured), lambda: adapter_for(llm, structured))
 
     @property
     def _call_limit(self) -> CallLimit:

@@ -4,8 +4,8 @@ import pytest
 from llama_index.core.base.llms.types import ChatMessage, ChatResponse, MessageRole
 from llama_index.core.utils import get_tokenizer
 
+from llama_rerank.adapters import GROWN_ROOM, OpenAIAdapter, adapter_for
 from llama_rerank.llm import LLMCaller
-from llama_rerank.providers import GROWN_ROOM, Provider
 from fakes import Reply, ScriptedLLM
 
 ENCODE = get_tokenizer()
@@ -14,17 +14,17 @@ ENCODE = get_tokenizer()
 async def test_async_timeout_cancels_and_raises_timeout_error():
     llm = ScriptedLLM(lambda p, c: Reply("late", delay=2))
     with pytest.raises(TimeoutError, match="0.1 s"):
-        await LLMCaller(Provider(llm), ENCODE, max_retries=0, timeout=0.1).acall("prompt", 10)
+        await LLMCaller(adapter_for(llm), ENCODE, max_retries=0, timeout=0.1).acall("prompt", 10)
 
 
 def test_sync_timeout_raises_timeout_error():
     llm = ScriptedLLM(lambda p, c: Reply("late", delay=2))
     with pytest.raises(TimeoutError):
-        LLMCaller(Provider(llm), ENCODE, max_retries=0, timeout=0.1).call("prompt", 10)
+        LLMCaller(adapter_for(llm), ENCODE, max_retries=0, timeout=0.1).call("prompt", 10)
 
 
 def test_token_counts_fall_back_to_the_tokenizer():
-    reply = LLMCaller(Provider(ScriptedLLM(lambda p, c: "[1] likely")), ENCODE, 0, None).call("count these tokens", 10)
+    reply = LLMCaller(adapter_for(ScriptedLLM(lambda p, c: "[1] likely")), ENCODE, 0, None).call("count these tokens", 10)
     assert reply.prompt_tokens == len(ENCODE("count these tokens"))
     assert reply.completion_tokens == len(ENCODE("[1] likely"))
 
@@ -41,14 +41,13 @@ class Truncating(ScriptedLLM):
 
 
 def test_an_answer_cut_off_while_thinking_is_asked_once_more_with_room():
-    provider = Provider(Truncating(lambda p, c: ""))
-    provider.openai = True  # the scripted LLM stands in for an OpenAI-compatible class here
-    caller = LLMCaller(provider, ENCODE, 0, None)
+    adapter = OpenAIAdapter(Truncating(lambda p, c: ""))  # the scripted LLM stands in for an OpenAI-compatible class
+    caller = LLMCaller(adapter, ENCODE, 0, None)
     reply = caller.call([ChatMessage(role=MessageRole.USER, content="q")], 10)
     assert reply.text.endswith("[1] very likely")
-    assert [k["max_tokens"] for k in provider.llm.kwargs_seen] == [10, 10 + GROWN_ROOM]
+    assert [k["max_tokens"] for k in adapter.llm.kwargs_seen] == [10, 10 + GROWN_ROOM]
     caller.call([ChatMessage(role=MessageRole.USER, content="q")], 10)
-    assert provider.llm.kwargs_seen[-1]["max_tokens"] == 10 + GROWN_ROOM, "the larger budget is remembered"
+    assert adapter.llm.kwargs_seen[-1]["max_tokens"] == 10 + GROWN_ROOM, "the larger budget is remembered"
 
 
 def test_constrained_decoding_lines_up_text_and_tokens_from_the_sampled_tokens():
@@ -64,15 +63,18 @@ def test_constrained_decoding_lines_up_text_and_tokens_from_the_sampled_tokens()
 
     sampled = ["```", "json", "\n", '{"', "1", '":', ' "', "likely", '"}', "\n", "```"]
     top = {"likely": [("likely", -0.5), ("unlikely", -1.5), ("very", -2.5)]}
-    content = [SimpleNamespace(token=t, logprob=-0.1, bytes=list(t.encode())) for t in sampled]
-    logprobs = [[LogProb(token=t, logprob=lp) for t, lp in top.get(tok, [("[", -0.1), ("x", -3.0)])] for tok in sampled]
+    alternatives = [top.get(tok, [("[", -0.1), ("x", -3.0)]) for tok in sampled]
+    content = [SimpleNamespace(token=tok, logprob=-0.1, bytes=list(tok.encode()),
+                               top_logprobs=[SimpleNamespace(token=t, logprob=lp, bytes=None) for t, lp in alts])
+               for tok, alts in zip(sampled, alternatives)]  # fmt: skip
+    logprobs = [[LogProb(token=t, logprob=lp) for t, lp in alts] for alts in alternatives]
     raw = SimpleNamespace(choices=[SimpleNamespace(logprobs=SimpleNamespace(content=content), finish_reason="stop")])
     response = ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content='{"1": "likely"}'),
                             logprobs=logprobs, raw=raw)  # fmt: skip
-    reply = LLMCaller(Provider(ScriptedLLM(lambda p, c: "")), ENCODE, 0, None)._reply("p", response, 0)
-    assert reply.text == "".join(sampled)
-    aligned = align_tokens(reply.text, reply.logprobs)
+    text, read = adapter_for(ScriptedLLM(lambda p, c: "")).read(response)
+    assert text == "".join(sampled)
+    aligned = align_tokens(text, read)
     assert aligned is not None
     scale = LabelScale.from_mapping(DEFAULT_SCALE)
-    start = parse_labels(reply.text, 1, scale).spans[1][0]
-    assert set(label_probabilities(reply.text, aligned, start, scale)) == {"likely", "unlikely", "very likely"}
+    start = parse_labels(text, 1, scale).spans[1][0]
+    assert set(label_probabilities(text, aligned, start, scale)) == {"likely", "unlikely", "very likely"}

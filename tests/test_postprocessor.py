@@ -217,7 +217,7 @@ def test_the_first_reranks_started_together_build_one_limit_one_provider_one_cac
 
         monkeypatch.setattr(module, name, build)
 
-    for name in ("CallLimit", "Provider", "JudgementCache"):
+    for name in ("CallLimit", "adapter_for", "JudgementCache"):
         slow(name, getattr(module, name))
     llm = ScriptedLLM(lambda p, c: Reply(label_by_keyword({})(p, c), delay=0.02))
     reranker = LikelihoodRerank(llm=llm, max_concurrency=1, window_size=2, top_n=4, cache="memory")
@@ -230,7 +230,7 @@ def test_the_first_reranks_started_together_build_one_limit_one_provider_one_cac
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(one, range(8)))
     assert all(len(r.nodes) == 4 for r in results) and len(llm.prompts) == 16
-    assert built == {"CallLimit": 1, "Provider": 1, "JudgementCache": 1}
+    assert built == {"CallLimit": 1, "adapter_for": 1, "JudgementCache": 1}
     assert llm.max_in_flight == 1
 
 

@@ -12,9 +12,10 @@ from llama_index.core.utils import get_tokenizer
 from llama_index.llms.openai import OpenAI
 from llama_index.llms.openai_like import OpenAILike
 
+from llama_rerank.adapters import adapter_for
 from llama_rerank.errors import LLMConfigError
 from llama_rerank.llm import LLMCaller
-from llama_rerank.providers import Provider, is_permanent, rejected_param, retry_after, status_of
+from llama_rerank.providers import is_permanent, rejected_param, retry_after, status_of
 from fakes import ScriptedLLM
 
 ENCODE = get_tokenizer()
@@ -75,7 +76,7 @@ def test_rejected_param_from_the_client_or_the_message():
 def test_a_permanent_error_is_raised_at_once_with_the_fix(caplog):
     llm = ScriptedLLM(lambda p, c: api_error(openai.AuthenticationError, 401, "Incorrect API key provided"))
     with pytest.raises(LLMConfigError, match=r"(?s)HTTP 401: Incorrect API key.*OPENAI_API_KEY") as info:
-        LLMCaller(Provider(llm), ENCODE, max_retries=3, timeout=None).call("prompt", 10)
+        LLMCaller(adapter_for(llm), ENCODE, max_retries=3, timeout=None).call("prompt", 10)
     assert len(llm.prompts) == 1, "a permanent error must not be retried"
     assert isinstance(info.value.__cause__, openai.AuthenticationError)
     assert "retrying" not in caplog.text
@@ -84,7 +85,7 @@ def test_a_permanent_error_is_raised_at_once_with_the_fix(caplog):
 async def test_a_permanent_error_is_raised_at_once_async():
     llm = ScriptedLLM(lambda p, c: StatusError(404))
     with pytest.raises(LLMConfigError, match="model name"):
-        await LLMCaller(Provider(llm), ENCODE, max_retries=3, timeout=1).acall("prompt", 10)
+        await LLMCaller(adapter_for(llm), ENCODE, max_retries=3, timeout=1).acall("prompt", 10)
     assert len(llm.prompts) == 1
 
 
@@ -97,7 +98,7 @@ def test_transient_errors_are_retried_honouring_retry_after(asked, waited, monke
         waits.append(seconds)
 
     monkeypatch.setattr("llama_rerank.llm._sleep", sleep)
-    reply = LLMCaller(Provider(llm), ENCODE, max_retries=1, timeout=None).call("prompt", 10)
+    reply = LLMCaller(adapter_for(llm), ENCODE, max_retries=1, timeout=None).call("prompt", 10)
     assert reply.text == "ok" and reply.retries == 1
     assert waits == [waited]  # backoff alone would wait under a second
 
@@ -105,19 +106,19 @@ def test_transient_errors_are_retried_honouring_retry_after(asked, waited, monke
 def test_last_transient_error_is_raised_after_bounded_retries():
     llm = ScriptedLLM(lambda p, c: ConnectionError(f"attempt {c}"))
     with pytest.raises(ConnectionError, match="attempt 2"):
-        LLMCaller(Provider(llm), ENCODE, max_retries=2, timeout=None).call("prompt", 10)
+        LLMCaller(adapter_for(llm), ENCODE, max_retries=2, timeout=None).call("prompt", 10)
     assert len(llm.prompts) == 3
 
 
 def test_a_generic_llm_gets_no_keyword_arguments():
     llm = ScriptedLLM(lambda p, c: "x")
-    LLMCaller(Provider(llm), ENCODE, 0, None).call("p", 42, {"type": "object"})
+    LLMCaller(adapter_for(llm), ENCODE, 0, None).call("p", 42, {"type": "object"})
     assert llm.kwargs_seen == [{}]
 
 
 def test_structured_output_needs_an_openai_compatible_class():
     with pytest.raises(ValueError, match="OpenAILike"):
-        Provider(ScriptedLLM(lambda p, c: "x"), structured=True)
+        adapter_for(ScriptedLLM(lambda p, c: "x"), structured=True)
 
 
 def openai_like(**kwargs):
@@ -127,16 +128,16 @@ def openai_like(**kwargs):
 
 def test_openai_family_requests_carry_budget_and_schema_and_the_users_llm_keeps_its_retries():
     llm = openai_like(max_retries=3)
-    provider = Provider(llm, structured=True)
-    kwargs = provider.kwargs(42, {"type": "object"})
+    adapter = adapter_for(llm, structured=True)
+    kwargs = adapter.options(42, {"type": "object"})
     assert kwargs["max_tokens"] == 42
     assert kwargs["response_format"]["json_schema"]["schema"] == {"type": "object"}
-    assert provider.llm.max_retries == 0 and llm.max_retries == 3
+    assert adapter.llm.max_retries == 0 and llm.max_retries == 3
 
 
 def test_reasoning_models_get_the_lowest_effort_and_room_to_think():
-    provider = Provider(OpenAI(model="gpt-5-mini", api_key="x"))
-    kwargs = provider.kwargs(42, None)
+    adapter = adapter_for(OpenAI(model="gpt-5-mini", api_key="x"))
+    kwargs = adapter.options(42, None)
     assert kwargs["reasoning_effort"] == "none"
     assert kwargs["max_tokens"] > 42 + 256
 
@@ -154,24 +155,25 @@ def test_reasoning_models_get_the_lowest_effort_and_room_to_think():
 )
 def test_a_refused_option_is_adapted_once_and_remembered(param, message, check, caplog):
     llm = openai_like()
-    provider = Provider(llm, structured=True)
+    adapter = adapter_for(llm, structured=True)
     error = api_error(openai.BadRequestError, 400, message, param=param)
     with caplog.at_level(logging.WARNING):
-        assert provider.adapt(error, provider.version)
-        assert provider.adapt(error, 0), "a request sent before the change is simply resent"
-    assert check(provider, provider.kwargs(42, {"type": "object"}))
+        assert adapter.adapt(error, adapter.version)
+        assert adapter.adapt(error, 0), "a request sent before the change is simply resent"
+    assert check(adapter, adapter.options(42, {"type": "object"}))
     assert caplog.text.count("refused") == 1
+    assert [a.option for a in adapter.adaptations] == [param], "what was adapted is recorded once"
     assert llm.logprobs and llm.top_logprobs == 5, "the user's LLM is never changed"
 
 
 def test_reasoning_effort_steps_down_then_stops():
-    provider = Provider(OpenAI(model="gpt-5", api_key="x"))
+    adapter = adapter_for(OpenAI(model="gpt-5", api_key="x"))
     error = api_error(openai.BadRequestError, 400, "Unsupported value: 'reasoning_effort' does not support 'none'", "reasoning_effort")
-    assert provider.adapt(error, provider.version)
-    assert provider.kwargs(1, None)["reasoning_effort"] == "minimal"
+    assert adapter.adapt(error, adapter.version)
+    assert adapter.options(1, None)["reasoning_effort"] == "minimal"
 
 
 def test_an_unknown_refusal_is_not_adapted():
-    provider = Provider(openai_like())
-    assert not provider.adapt(api_error(openai.BadRequestError, 400, "bad stop sequence", param="stop"), provider.version)
-    assert not provider.adapt(api_error(openai.AuthenticationError, 401), provider.version)
+    adapter = adapter_for(openai_like())
+    assert not adapter.adapt(api_error(openai.BadRequestError, 400, "bad stop sequence", param="stop"), adapter.version)
+    assert not adapter.adapt(api_error(openai.AuthenticationError, 401), adapter.version)

@@ -26,12 +26,13 @@ from typing import Any, Callable, Iterable, Sequence
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.llms import LLM
 
+from llama_rerank.adapters import adapter_for
 from llama_rerank.budget import resolve_encoder
 from llama_rerank.cache import endpoint
 from llama_rerank.concurrency import all_or_none, run_blocking
 from llama_rerank.errors import LLMConfigError, LlamaRerankError
 from llama_rerank.llm import LLMCaller
-from llama_rerank.providers import Provider, model_identity
+from llama_rerank.providers import model_identity
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class QuestionWriter:
 
     def __init__(self, llm: LLM, folder: Path, timeout: float | None = 900.0, max_retries: int = 2, workers: int = 4) -> None:
         self.llm, self.workers = llm, workers
-        self.caller = LLMCaller(Provider(llm), resolve_encoder(llm), max_retries, timeout)
+        self.caller = LLMCaller(adapter_for(llm), resolve_encoder(llm), max_retries, timeout)
         self.model, self.key = model_identity(llm), llm_key(llm)
         self.log = folder / REPLIES_FILE
         self.replies: dict[str, str] = {}
