@@ -26,7 +26,7 @@ DOC = ("The {name} is a kitchen gadget made of brushed steel. It {action} in und
        "whenever the recipe calls for it, and most shops sell one for about {price} dollars.")  # fmt: skip
 ACTIONS = ["slices onions", "whisks eggs", "grinds pepper", "peels garlic", "zests lemons", "mashes potatoes",
            "shreds cabbage", "juices limes", "crushes ice", "folds dough", "pits cherries", "cores apples"]  # fmt: skip
-QUESTION_ASK = "Write one question that the passage below answers"
+QUESTION_ASK = "Write one search question that the passage below answers"
 
 
 def write_docs(folder, count=len(GADGETS)):
@@ -76,6 +76,7 @@ PASSAGE = "The zorblax is a kitchen gadget made of brushed steel and it slices o
 @pytest.mark.parametrize("reply, why", [
     ("", "unwritten"), ("NONE", "unwritten"), ("  \n\n", "unwritten"), ("Why?", "unwritten"),
     ("What gadget made of brushed steel and it slices onions quickly?", "copied"),
+    ("What does the passage say the zorblax does?", "vague"), ("Which gadget does this study test?", "vague"),
     ("What does a zorblax do?", "kept"),
 ])  # fmt: skip
 def test_screen_drops_copies_and_replies_without_a_question(reply, why):
@@ -120,7 +121,7 @@ def test_synthetic_drops_failures_copies_and_duplicates_and_a_rerun_asks_only_wh
     found, dropped = qs.synthetic(writer, order, n=6)
     assert [q.text for q in found] == ["What does the snarvic do in the kitchen?", "What does the tweedle do in the kitchen?"]
     assert [q.relevant for q in found] == [{"p2": 1}, {"p5": 1}]  # frandle came first; snarvic repeated it
-    assert dropped == {"failed": 1, "copied": 1, "duplicate": 1, "unwritten": 1, "over budget": 0}
+    assert dropped == {"failed": 1, "copied": 1, "duplicate": 1, "unwritten": 1, "vague": 0, "over budget": 0}
     assert len(llm.prompts) == 6
     again = ScriptedLLM(writer_script)
     found_again, _ = qs.synthetic(qs.QuestionWriter(again, tmp_path, max_retries=0), order, n=6)
@@ -135,6 +136,16 @@ def test_question_writing_stops_when_out_of_time_but_not_before_the_minimum(tmp_
     found, dropped = qs.synthetic(writer, texts, n=len(texts), out_of_time=lambda: True)
     assert len(found) == len(llm.prompts) == qs.MIN_QUESTIONS  # the budget is spent, but a tune needs four
     assert dropped["over budget"] == len(texts) - qs.MIN_QUESTIONS
+
+
+def test_replies_to_another_question_prompt_are_not_reused(tmp_path, monkeypatch):
+    item = ("p0", DOC.format(name=GADGETS[0], action=ACTIONS[0], price=0))
+    first = ScriptedLLM(script)
+    qs.synthetic(qs.QuestionWriter(first, tmp_path), [item], n=1)
+    monkeypatch.setattr(qs, "QUESTION_PROMPT", qs.QUESTION_PROMPT.replace("search question", "quiz question"))
+    again = ScriptedLLM(lambda prompt, call: "What does the zorblax do in a quiz?")
+    found, _ = qs.synthetic(qs.QuestionWriter(again, tmp_path), [item], n=1)
+    assert len(again.prompts) == 1 and found[0].text == "What does the zorblax do in a quiz?"
 
 
 @pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="sends SIGINT to the main thread (POSIX)")

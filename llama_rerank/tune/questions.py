@@ -2,7 +2,8 @@
 
 ``synthetic``: passages are drawn from the store in a seeded random order and the question LLM writes, for each, one
 question that the passage answers; that passage is the question's one known positive. A reply is dropped when it
-holds no question (empty, or ``NONE``), when it copies a run of :data:`COPY_RUN` or more of the passage's words (such
+holds no question (empty, or ``NONE``), when it points at its source instead of naming its subject ("the
+passage", "the study": such a question means nothing to a searcher), when it copies a run of :data:`COPY_RUN` or more of the passage's words (such
 a question is found by word overlap alone and flatters the first stage), or when it repeats a question already kept;
 a call that fails after its retries is dropped too (and asked again on the next run). Every reply is appended to
 ``replies.jsonl`` in the output folder as it arrives, so a rerun sends only the passages never answered.
@@ -15,6 +16,7 @@ queries and graded judgements, as ``eval`` reads them.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import random
@@ -43,11 +45,13 @@ QUESTION_TOKENS = 96
 REPLIES_FILE = "replies.jsonl"
 NONE = "NONE"
 QUESTION_PROMPT = (
-    "Write one question that the passage below answers. Someone who has never seen the passage should understand "
-    "it, and it should ask about the passage's main fact. Use your own words: do not copy phrases from the passage. "
+    "Write one search question that the passage below answers, as someone looking for this information would type "
+    "it before reading the passage. Name the subject itself, so that the question makes sense on its own; never say "
+    "\"the passage\", \"the paper\" or \"the study\". Use your own words: do not copy phrases from the passage. "
     f"Reply with the question alone, on one line. If the passage answers no question, reply {NONE}.\n\n"
     "Passage:\n{passage}"
 )
+VAGUE = re.compile(r"\b(?:the|this|these|that)\s+(?:passage|text|paper|study|article|document|abstract|report|authors?|investigation|research)\b", re.I)
 
 
 @dataclass
@@ -85,10 +89,12 @@ def clean(reply: str) -> str:
 
 
 def screen(reply: str | None, passage: str, kept: set[str]) -> tuple[str | None, str]:
-    """``(question, "kept")``, or ``(None, why)`` with why one of "unwritten", "copied", "duplicate"."""
+    """``(question, "kept")``, or ``(None, why)`` with why one of "unwritten", "vague", "copied", "duplicate"."""
     question = clean(reply or "")
     if not question or question.upper().rstrip(".") == NONE or len(words(question)) < 3:
         return None, "unwritten"
+    if VAGUE.search(question):
+        return None, "vague"
     if copied_run(question, passage) >= COPY_RUN:
         return None, "copied"
     if " ".join(words(question)) in kept:
@@ -114,7 +120,8 @@ class QuestionWriter:
     def __init__(self, llm: LLM, folder: Path, timeout: float | None = 900.0, max_retries: int = 2, workers: int = 4) -> None:
         self.llm, self.workers = llm, workers
         self.caller = LLMCaller(adapter_for(llm), resolve_encoder(llm), max_retries, timeout)
-        self.model, self.key = model_identity(llm), llm_key(llm)
+        self.model = model_identity(llm)
+        self.key = json.dumps([llm_key(llm), hashlib.sha256(QUESTION_PROMPT.encode()).hexdigest()[:16]])  # another prompt asks anew
         self.log = folder / REPLIES_FILE
         self.replies: dict[str, str] = {}
         if self.log.exists():
@@ -156,7 +163,7 @@ def synthetic(
     """
     questions: list[Question] = []
     kept: set[str] = set()
-    dropped = {"unwritten": 0, "copied": 0, "duplicate": 0, "failed": 0, "over budget": 0}
+    dropped = {"unwritten": 0, "vague": 0, "copied": 0, "duplicate": 0, "failed": 0, "over budget": 0}
     position = 0
     while len(questions) < n and position < len(passages):
         if len(questions) >= MIN_QUESTIONS and out_of_time():

@@ -194,7 +194,7 @@ def held_out_stats(first: sweep.Scores, chosen: sweep.Scores, top_n: int, prices
     return out
 
 
-def _points(scores: sweep.Scores) -> tuple[list[float], list[bool], list[str]]:
+def points(scores: sweep.Scores) -> tuple[list[float], list[bool], list[str]]:
     """(un-normalised final score, relevant?, question id) for every candidate of every question of ``scores``."""
     xs, ys, ids = [], [], []
     for query_id, judged in scores.judged.items():
@@ -210,8 +210,8 @@ def _points(scores: sweep.Scores) -> tuple[list[float], list[bool], list[str]]:
 def calibrate(tune: sweep.Scores, held: sweep.Scores, target: float) -> dict[str, Any]:
     """Fit on the tune split's candidates; ECE before (the score read as a probability) and after on the held-out
     split, the threshold reaching ``target`` precision on the tune split, and how it fares held out."""
-    x_tune, y_tune, _ = _points(tune)
-    x_held, y_held, held_ids = _points(held)
+    x_tune, y_tune, _ = points(tune)
+    x_held, y_held, held_ids = points(held)
     fitted = calibration.fit(x_tune, y_tune)
     if fitted is None:
         return {"fitted": None, "why": "the tune split's candidates are all relevant or all not: nothing to fit",
