@@ -15,8 +15,9 @@ Adding a provider family is one adapter and its wire profile. Subclass :class:`A
 
 - ``_working_copy(llm)``: the copy the reranker calls, with the client's own retries off (ours are the only ones);
 - ``options(max_tokens, schema, grown)``: the keyword arguments each ``chat``/``complete`` sends;
-- ``_change_for(param, message)``: what to change when the provider refuses ``param`` (HTTP 400/422), and
-  ``ADAPTS``, the options it changes (a refusal it cannot adapt names them);
+- ``_change_for(param, message)``: what to change when the provider refuses ``param`` (HTTP 400/422; ``param`` is
+  the error's own, or the first of :data:`llama_rerank.providers._PARAMS` its message names: add a new option's name
+  there), and ``ADAPTS``, the options it changes (a refusal it cannot adapt names them);
 - ``more_room(response)``: whether an answer was cut off while thinking, so it is asked again with a larger budget;
 - ``read(response)``: the reply's text and per-token logprobs;
 - ``takes_schema``: whether it can send a JSON schema (``structured_output=True``).
