@@ -11,6 +11,7 @@ timeouts), parsing, scoring and ordering. CPU time is ``time.process_time`` (all
 from __future__ import annotations
 
 import argparse
+import asyncio
 import cProfile
 import io
 import os
@@ -47,7 +48,7 @@ def measure(reranker: LikelihoodRerank, llm: InstantLLM, nodes, reps: int) -> tu
 
 def truncation_ms(reranker: LikelihoodRerank, passages: list[str], reps: int) -> float:
     """CPU ms to token-count (and, when needed, cut) every passage: the part of preparation that scales with K."""
-    encode = reranker._encode
+    encode = reranker.resources.encode
     times = []
     for _ in range(max(3, reps // 2)):
         c0 = time.process_time()
@@ -57,34 +58,40 @@ def truncation_ms(reranker: LikelihoodRerank, passages: list[str], reps: int) ->
     return median(times)
 
 
-STAGES = [  # (label, file suffix, function): cumulative time of these functions inside rerank()
-    ("rerank() total", "llama_rerank/postprocessor.py", "rerank"),
-    ("  prepare: dedup, get_content, truncate, pack windows", "llama_rerank/postprocessor.py", "__init__"),
+STAGES = [  # (label, file suffix, function): cumulative time of these functions inside arerank()
+    # A coroutine's cumulative time is summed over its resumptions; the windows run as tasks of their own, so the
+    # total is the event loop's and the judging is the windows' coroutines (Judge._run_window), not Judge.ajudge.
+    ("arerank() total (in asyncio.run)", "asyncio/base_events.py", "run_until_complete"),
+    ("  prepare: dedup, get_content, truncate, pack windows", "llama_rerank/nodes.py", "__init__"),
     ("    of which truncate() (tiktoken encode)", "llama_rerank/budget.py", "truncate"),
     ("    of which pack_windows()", "llama_rerank/budget.py", "pack_windows"),
-    ("  judge: all windows", "llama_rerank/engine.py", "judge"),
+    ("  judge: all windows (Judge._run_window)", "llama_rerank/judge.py", "_run_window"),
     ("    render prompts (ChatPromptTemplate)", "llama_rerank/prompts.py", "render"),
-    ("    LLMCaller.call incl. tenacity (and the fake LLM)", "llama_rerank/llm.py", "call"),
+    ("    LLMCaller.acall incl. tenacity (and the fake LLM)", "llama_rerank/llm.py", "acall"),
     ("    the fake LLM itself (subtract)", "fake_llms.py", "chat"),
-    ("    read answer: parse + score", "llama_rerank/engine.py", "_read"),
-    ("  finish: fuse, order, copy nodes", "llama_rerank/postprocessor.py", "finish"),
+    ("    read answer: parse + score", "llama_rerank/judge.py", "_read"),
+    ("  finish: fuse, order, copy nodes", "llama_rerank/nodes.py", "finish"),
 ]
 
 
 def profile(k: int, words: int) -> tuple[str, str]:
-    """cProfile of 3 reranks at K, with max_concurrency=1 and timeout=None so all work is on the profiled thread.
+    """cProfile of 3 async reranks at K, so every stage runs on the profiled thread.
 
-    Returns a stage table (ms per query, cumulative) and the raw top functions.
+    A rerank runs one coroutine per window (``Judge.ajudge`` -> ``LLMCaller.acall``); ``arerank`` awaits them in
+    the caller's loop and, with an LLM that has async methods of its own (the instant LLM does), calls it there too.
+    The sync ``rerank`` runs the same coroutines in a loop of its own and sends each request on a worker thread,
+    which cProfile (one thread) would not see. Returns a stage table (ms per query, cumulative) and the raw top
+    functions.
     """
     _, passages = make_passages(k, words)
     nodes = nodes_for(passages)
     llm = InstantLLM()
-    reranker = LikelihoodRerank(llm=llm, top_n=5, max_concurrency=1, timeout=None)
-    reranker.rerank(QUERY, nodes)
+    reranker = LikelihoodRerank(llm=llm, top_n=5)
+    asyncio.run(reranker.arerank(QUERY, nodes))
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(3):
-        reranker.rerank(QUERY, nodes)
+        asyncio.run(reranker.arerank(QUERY, nodes))
     prof.disable()
     stats = pstats.Stats(prof)
     rows = []
@@ -183,8 +190,8 @@ def main() -> None:
     print("max_concurrency=1 timeout=None: no thread pool and no per-call timeout thread (everything on the caller's thread).")
     print()
     stages, top = profile(100, args.words)
-    print("Breakdown: cProfile over 3 reranks at K=100 with max_concurrency=1, timeout=None (so every stage runs on")
-    print("the profiled thread); profiling inflates times, compare the stages with each other, not with the table above.")
+    print("Breakdown: cProfile over 3 async reranks (arerank) at K=100, defaults (every stage runs on the profiled")
+    print("thread); profiling inflates times, compare the stages with each other, not with the table above.")
     print(stages)
     print()
     print("Top functions by own time (same profile, all 3 reranks):")

@@ -1,4 +1,6 @@
-"""Token budgeting: cutting passages to ``max_passage_tokens`` and packing windows that fit the context window."""
+"""Token budgeting: the token counter, cutting passages to ``max_passage_tokens``, what the context window leaves
+for passages, and packing windows that fit it. What the prompt's parts cost (fences, the answer) the prompt module
+says (:mod:`llama_rerank.prompts`); this module only adds them up."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ logger = logging.getLogger(__name__)
 Encode = Callable[[str], Sequence[Any]]
 TRUNCATION_MARKER = " [...truncated]"
 SAFETY_MARGIN = 32  # tokens kept free for chat formatting the count cannot see
+MIN_PASSAGE_BUDGET = 64  # fewer tokens left for passages than this is an error
 
 
 def resolve_encoder(llm: Any, tokenizer: Encode | None = None) -> Encode:
@@ -65,23 +68,27 @@ def truncate(text: str, max_tokens: int, encode: Encode) -> tuple[str, int]:
     return TRUNCATION_MARKER.strip(), len(encode(TRUNCATION_MARKER.strip()))
 
 
-def answer_tokens(n: int, labels: Sequence[str], encode: Encode) -> int:
-    """Tokens an answer of ``n`` lines ``[i] label`` (or a JSON object ``{"i": "label", ...}``) needs, with room
-    for a short preamble."""
-    longest = max(labels, key=len)
-    entry = max(len(encode(f"[{n}] {longest}\n")), len(encode(f'"{n}": "{longest}", ')))
-    return n * entry + 16
+def passage_budget(context_window: int, prompt_tokens: int, answer_tokens: int) -> int:
+    """Tokens left for passages in one window once the prompt (``prompt_tokens``: rendered with the query and no
+    passages) and the answer are counted; an error when too few are left to judge anything."""
+    budget = context_window - prompt_tokens - answer_tokens - SAFETY_MARGIN
+    if budget < MIN_PASSAGE_BUDGET:
+        raise ValueError(
+            f"the query and prompt take {prompt_tokens} tokens, leaving {budget} of the LLM's context window "
+            f"({context_window}) for passages; shorten the query or use a larger window_size/context"
+        )
+    return budget
 
 
 def pack_windows(
-    candidates: Sequence[Candidate], window_size: int, passage_budget: int, encode: Encode
+    candidates: Sequence[Candidate], window_size: int, passage_budget: int, fence: int, encode: Encode
 ) -> list[list[Candidate]]:
     """Group candidates in retrieval order into windows of at most ``window_size`` whose passages fit the budget.
 
     ``passage_budget`` is what the context window leaves for passages once the prompt, the query and the answer
-    are counted; a passage longer than that on its own is cut further to fit.
+    are counted (:func:`passage_budget`); each passage costs its tokens plus ``fence`` (the prompt's
+    :func:`~llama_rerank.prompts.fence_tokens`). A passage longer than the budget on its own is cut further to fit.
     """
-    fence = len(encode('<passage id="10">\n\n</passage>\n\n'))
     windows: list[list[Candidate]] = []
     current: list[Candidate] = []
     used = 0

@@ -87,7 +87,7 @@ def check_llm(llm: LLM, **settings: object) -> LLMCheck:
     usage, nodes = result.usage, result.nodes
     if usage.failed_windows:
         raise ConnectionError(f"{model_identity(llm)} did not answer: {'; '.join(usage.errors)}")
-    adapter = reranker._calls
+    adapter = reranker.resources.adapter
     check = LLMCheck(
         llm=model_identity(llm),
         latency_s=latency,
@@ -100,7 +100,7 @@ def check_llm(llm: LLM, **settings: object) -> LLMCheck:
     if adapter.takes_schema:
         structured = LikelihoodRerank(llm=llm, top_n=len(PASSAGES), max_retries=0, structured_output=True, **settings)
         s_result, s_latency = _rerank(structured)
-        s_adapter = structured._calls
+        s_adapter = structured.resources.adapter
         s_labelled = sum(n.node.metadata["rerank_label"] is not None for n in s_result.nodes)
         if not s_adapter.structured:
             check.structured = "refused by the server (text answers work)"

@@ -1,16 +1,16 @@
 """``LikelihoodRerank``: the LlamaIndex node postprocessor users put in ``node_postprocessors=[...]``.
 
-It turns ``NodeWithScore`` into plain candidates (deduplicated, cut to the token budget, packed into windows),
-hands them to the :class:`~llama_rerank.engine.Judge`, and turns the judgements back into scored node copies,
-emitting LlamaIndex's rerank events and callback around the work.
+The LlamaIndex face only: the Fields and their validation, the prompt mixin, the rerank events and callback, and
+``_postprocess_nodes``/``_apostprocess_nodes``. A rerank's nodes are prepared and turned back into scored copies by
+:class:`~llama_rerank.nodes.Run`, and judged by a :class:`~llama_rerank.judge.Judge` built from the Fields. What an
+instance builds from its Fields (token counter, LLM adapter, call limit, cache store) is kept by one mechanism,
+``_Derived``, and can be read through :attr:`LikelihoodRerank.resources`.
 """
 
 from __future__ import annotations
 
 import difflib
-import logging
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -34,28 +34,26 @@ from llama_index.core.llms import LLM
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.prompts import BasePromptTemplate, ChatPromptTemplate, PromptTemplate
 from llama_index.core.prompts.mixin import PromptDictType, PromptMixin, PromptMixinType
-from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
+from llama_index.core.schema import NodeWithScore, QueryBundle
 from llama_index.core.storage.kvstore.types import BaseKVStore
 from llama_index.core.settings import Settings
 
-from llama_rerank.adapters import Adapter, adapter_for
 from llama_rerank.batch import OnResult, arun_batch, check_batch, run_batch
-from llama_rerank.budget import SAFETY_MARGIN, Encode, answer_tokens, pack_windows, resolve_encoder, truncate
+from llama_rerank.adapters import Adapter, adapter_for
+from llama_rerank.budget import Encode, resolve_encoder
 from llama_rerank.cache import JudgementCache, cache_scope, check_spec
 from llama_rerank.concurrency import CallLimit
-from llama_rerank.engine import Judge
+from llama_rerank.judge import Judge
 from llama_rerank.labels import DEFAULT_SCALE, LabelScale, normalise_label
 from llama_rerank.llm import LLMCaller
-from llama_rerank.prompts import DEFAULT_RERANK_PROMPT, prompt_vars, render
-from llama_rerank.scoring import fuse, order
-from llama_rerank.types import Candidate, Judgement, RerankEstimate, RerankUsage
+from llama_rerank.nodes import METADATA_KEYS, Ranking, Run
+from llama_rerank.prompts import DEFAULT_RERANK_PROMPT
+from llama_rerank.types import RerankEstimate, RerankUsage
 
 dispatcher = get_dispatcher(__name__)
-logger = logging.getLogger(__name__)
 
 PROMPT_KEY = "rerank_prompt"
-METADATA_KEYS = ("rerank_label", "rerank_score", "retrieval_score", "retrieval_rank")
-MIN_PASSAGE_BUDGET = 64
+__all__ = ["METADATA_KEYS", "LikelihoodRerank", "RerankResult", "Resources"]  # METADATA_KEYS: the keys output nodes carry
 
 
 @dataclass
@@ -250,30 +248,10 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         return self.llm if self.llm is not None else Settings.llm
 
     @property
-    def _encode(self) -> Encode:
-        """Token counter that never raises: ``tokenizer``, else the LLM's own (resolved once per LLM/tokenizer)."""
-        llm, tokenizer = self._llm, self.tokenizer
-        return self._derived.get("encode", (llm, tokenizer), lambda: resolve_encoder(llm, tokenizer))
-
-    @property
-    def _calls(self) -> Adapter:
-        """How this instance calls its LLM: what the provider was seen to accept is remembered until ``llm`` or
-        ``structured_output`` changes."""
-        llm, structured = self._llm, self.structured_output
-        return self._derived.get("provider", (llm, structured), lambda: adapter_for(llm, structured))
-
-    @property
-    def _call_limit(self) -> CallLimit:
-        """The one limit every rerank on this instance shares; a new one when ``max_concurrency`` changes (calls
-        already holding a slot of the old one finish under it)."""
-        size = self.max_concurrency
-        return self._derived.get("limit", (size,), lambda: CallLimit(size))
-
-    @property
-    def _judgement_cache(self) -> Optional[JudgementCache]:
-        """The cache ``cache`` names, opened once (again when ``cache`` is set to something else)."""
-        spec = self.cache
-        return None if spec is None else self._derived.get("cache", (spec,), lambda: JudgementCache(spec))
+    def resources(self) -> "Resources":
+        """What this instance builds from its fields (token counter, LLM adapter, call limit, cache store), for
+        inspection and tests; each part is built when first read."""
+        return Resources(self)
 
     @property
     def last_usage(self) -> Optional[RerankUsage]:
@@ -295,18 +273,18 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
     @dispatcher.span
     def rerank(self, query: str | QueryBundle, nodes: Sequence[NodeWithScore]) -> RerankResult:
         """Rerank ``nodes`` for ``query``; returns the nodes and this call's usage."""
-        with self._run(query, nodes) as run:
+        with self._run(query, nodes) as (run, judge):
             if run.windows:
-                run.judgements.update(run.judge.judge(run.query, run.windows, run.usage))
-        return run.result
+                run.judgements.update(judge.judge(run.query, run.windows, run.usage))
+        return RerankResult(run.output, run.usage)
 
     @dispatcher.span
     async def arerank(self, query: str | QueryBundle, nodes: Sequence[NodeWithScore]) -> RerankResult:
         """Async :meth:`rerank`: LLM calls are awaited concurrently, at most ``max_concurrency`` at once."""
-        with self._run(query, nodes) as run:
+        with self._run(query, nodes) as (run, judge):
             if run.windows:
-                run.judgements.update(await run.judge.ajudge(run.query, run.windows, run.usage))
-        return run.result
+                run.judgements.update(await judge.ajudge(run.query, run.windows, run.usage))
+        return RerankResult(run.output, run.usage)
 
     @dispatcher.span
     def rerank_batch(
@@ -344,8 +322,9 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
             raise ValueError(
                 f"prices: give {{'prompt': ..., 'completion': ...}} per million tokens, both >= 0; got {prices!r}"
             )
-        run = _Run(self, _require_query(query), nodes)
-        estimate = run.judge.estimate(run.query, run.windows, self.structured_output)
+        judge = self._judge()
+        run = self._prepare(_require_query(query), nodes, judge)
+        estimate = judge.estimate(run.query, run.windows, self.structured_output)
         if prices is not None:
             tokens = estimate.prompt_tokens * prices["prompt"] + estimate.completion_tokens * prices["completion"]
             estimate.cost = tokens / 1e6
@@ -360,53 +339,52 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         return (await self.arerank(_require_query(query_bundle), nodes)).nodes
 
     @contextmanager
-    def _run(self, query: str | QueryBundle, nodes: Sequence[NodeWithScore]) -> Iterator["_Run"]:
+    def _run(self, query: str | QueryBundle, nodes: Sequence[NodeWithScore]) -> Iterator[Tuple[Run, Judge]]:
         """Prepare a run, emit the rerank events and callback around its judging, and finish it."""
-        run = _Run(self, _require_query(query), nodes)
+        judge = self._judge()
+        run = self._prepare(_require_query(query), nodes, judge)
         model = self._llm.metadata.model_name
         dispatcher.event(ReRankStartEvent(query=run.query, nodes=run.nodes, top_n=self.top_n, model_name=model))
         payload = {EventPayload.NODES: run.nodes, EventPayload.MODEL_NAME: model,
                    EventPayload.QUERY_STR: run.query, EventPayload.TOP_K: self.top_n}  # fmt: skip
         with self.callback_manager.event(CBEventType.RERANKING, payload=payload) as event:
-            yield run
-            run.finish()
-            event.on_end(payload={EventPayload.NODES: run.result.nodes})
-        dispatcher.event(ReRankEndEvent(nodes=run.result.nodes))
+            yield run, judge
+            run.finish(self._ranking())
+            self._last_usage = run.usage
+            event.on_end(payload={EventPayload.NODES: run.output})
+        dispatcher.event(ReRankEndEvent(nodes=run.output))
+
+    def _prepare(self, query: str, nodes: Sequence[NodeWithScore], judge: Judge) -> Run:
+        """The run's candidates and windows, packed to what the judge's prompt leaves of the context window."""
+        window_size, context_window = self.window_size, self._llm.metadata.context_window
+        return Run(query, nodes, judge.encode, self.max_passage_tokens, window_size,
+                   lambda: judge.passage_budget(query, window_size, context_window))  # fmt: skip
 
     def _judge(self) -> Judge:
-        llm, calls = self._llm, self._calls
+        llm, resources = self._llm, self.resources
+        adapter, encode = resources.adapter, resources.encode
         return Judge(
-            caller=LLMCaller(calls, self._encode, self.max_retries, self.timeout),
+            caller=LLMCaller(adapter, encode, self.max_retries, self.timeout),
             template=self.rerank_prompt,
             is_chat=llm.metadata.is_chat_model,
             scale=self.scale,
             scoring=self.scoring,
             followups=self.followup_calls,
             on_error=self.on_error,
-            limit=self._call_limit,
-            encode=self._encode,
+            limit=resources.limit,
+            encode=encode,
             reverse_pass=self.reverse_pass,
             deadline=self.deadline,
-            cache=self._judgement_cache,
-            cache_scope=cache_scope(calls, self.scale, self.scoring, self.max_passage_tokens, self.followup_calls),
+            cache=resources.cache,
+            cache_scope=cache_scope(adapter, self.scale, self.scoring, self.max_passage_tokens, self.followup_calls),
         )
 
-    def _passage_budget(self, query: str) -> int:
-        """Tokens left for passages in one window once the prompt, query and answer are counted."""
-        metadata, encode, scale = self._llm.metadata, self._encode, self.scale
-        empty = render(self.rerank_prompt, metadata.is_chat_model, prompt_vars(query, [], scale))
-        fixed = len(encode(empty if isinstance(empty, str) else "\n".join(m.content or "" for m in empty)))
-        fixed += 4 * (0 if isinstance(empty, str) else len(empty))
-        budget = metadata.context_window - fixed - answer_tokens(self.window_size, scale.labels, encode) - SAFETY_MARGIN
-        if budget < MIN_PASSAGE_BUDGET:
-            raise ValueError(
-                f"the query and prompt take {fixed} tokens, leaving {budget} of the LLM's context window "
-                f"({metadata.context_window}) for passages; shorten the query or use a larger window_size/context"
-            )
-        return budget
+    def _ranking(self) -> Ranking:
+        return Ranking(self.top_n, self._cutoff(), self.retrieval_weight, self.retrieval_signal, self.normalize,
+                       textless_score=self.scale.values[0])  # fmt: skip
 
     def _cutoff(self) -> Optional[float]:
-        """The score below which judged candidates are dropped."""
+        """The score below which judged candidates are dropped (a subclass hook: ``CalibratedRerank`` cuts later)."""
         floors = [v for v in (self.min_score, _floor(self.scale, self.min_label)) if v is not None]
         return max(floors) if floors else None
 
@@ -422,8 +400,42 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
 Built = TypeVar("Built")
 
 
+class Resources:
+    """What a reranker builds from its fields, read when first used (not configuration): each part is built once
+    (:class:`_Derived`) and built anew when a field it comes from changes."""
+
+    def __init__(self, reranker: LikelihoodRerank) -> None:
+        self._reranker = reranker
+
+    @property
+    def encode(self) -> Encode:
+        """The token counter budgets use: ``tokenizer``, else the LLM's own, else cl100k; it never raises."""
+        llm, tokenizer = self._reranker._llm, self._reranker.tokenizer
+        return self._reranker._derived.get("encode", (llm, tokenizer), lambda: resolve_encoder(llm, tokenizer))
+
+    @property
+    def adapter(self) -> Adapter:
+        """How the LLM is called, and what it was seen to accept and adapted (kept until ``llm`` or
+        ``structured_output`` changes)."""
+        llm, structured = self._reranker._llm, self._reranker.structured_output
+        return self._reranker._derived.get("adapter", (llm, structured), lambda: adapter_for(llm, structured))
+
+    @property
+    def limit(self) -> CallLimit:
+        """The one limit on LLM calls in flight every rerank on this instance shares; a new one when
+        ``max_concurrency`` changes (calls already holding a slot of the old one finish under it)."""
+        size = self._reranker.max_concurrency
+        return self._reranker._derived.get("limit", (size,), lambda: CallLimit(size))
+
+    @property
+    def cache(self) -> Optional[JudgementCache]:
+        """The judgement store ``cache`` names, opened once (again when ``cache`` is set to something else)."""
+        spec = self._reranker.cache
+        return None if spec is None else self._reranker._derived.get("cache", (spec,), lambda: JudgementCache(spec))
+
+
 class _Derived:
-    """What a reranker builds from its fields when first used (token counter, provider state, call limit, cache
+    """What a reranker builds from its fields when first used (token counter, LLM adapter, call limit, cache
     store): each built once, under a lock, since the first reranks may start together on several threads and
     loops, and built anew when the fields it came from change. Copies and unpickled rerankers start empty and
     build their own (locks, clients and connections are not copied)."""
@@ -465,80 +477,3 @@ def _require_query(query: str | QueryBundle | None) -> str:
     return text
 
 
-class _Run:
-    """One rerank's state: candidates prepared from the nodes, judgements, and the ranked result."""
-
-    def __init__(self, owner: LikelihoodRerank, query: str, nodes: Sequence[NodeWithScore]) -> None:
-        self.owner, self.query, self.nodes = owner, query, list(nodes)
-        self.started = time.perf_counter()
-        self.usage = RerankUsage()
-        self.judgements: dict[int, Judgement] = {}
-        self.result = RerankResult([], self.usage)
-        self.unique: list[NodeWithScore] = []
-        self.ranks: list[int] = []
-        seen: set[str] = set()
-        repeated: list[int] = []
-        for rank, node in enumerate(self.nodes, start=1):
-            if node.node.node_id in seen:
-                repeated.append(rank)
-                continue
-            seen.add(node.node.node_id)
-            self.unique.append(node)
-            self.ranks.append(rank)
-        if repeated:
-            logger.warning(
-                "%d input node(s) repeat a node id seen earlier (retrieval ranks %s); each node is judged and returned "
-                "once, at its best retrieval rank", len(repeated), repeated,
-            )  # fmt: skip
-        self.candidates: list[Candidate] = []
-        self.textless: list[int] = []
-        encode = owner._encode
-        for index, node in enumerate(self.unique):
-            content = node.node.get_content(metadata_mode=MetadataMode.LLM)
-            if content.strip():
-                text, tokens = truncate(content, owner.max_passage_tokens, encode)
-                self.candidates.append(Candidate(index, text, tokens, node.score))
-            else:
-                self.textless.append(index)
-        self.windows = (
-            pack_windows(self.candidates, owner.window_size, owner._passage_budget(query), encode)
-            if self.candidates
-            else []
-        )
-        self.judge = owner._judge()
-
-    def finish(self) -> None:
-        """Order, cut and copy the nodes into ``result``; textless nodes follow the judged ones."""
-        owner = self.owner
-        final = fuse(self.candidates, self.judgements, owner.retrieval_weight, owner.retrieval_signal, owner.normalize)
-        ranked = order(self.candidates, self.judgements, final, owner._cutoff())
-        chosen = [(c.index, self.judgements[c.index], final[c.index]) for c in ranked]
-        floor = owner.scale.values[0]
-        chosen += [(index, Judgement(None, floor, "no_text"), floor) for index in self.textless]
-        self.result.nodes = [self._output(*choice) for choice in chosen[: owner.top_n]]
-        self.usage.wall_time_s = time.perf_counter() - self.started
-        owner._last_usage = self.usage
-
-    def _output(self, index: int, judgement: Judgement, score: float) -> NodeWithScore:
-        """A copy of the input node carrying the rerank metadata; the caller's node is left untouched."""
-        source = self.unique[index]
-        node = source.node
-        metadata = {
-            **node.metadata,
-            "rerank_label": judgement.label,
-            "rerank_score": judgement.score,
-            "retrieval_score": source.score,
-            "retrieval_rank": self.ranks[index],
-        }
-        copy = node.model_copy(
-            update={
-                "metadata": metadata,
-                "excluded_llm_metadata_keys": _with_keys(node.excluded_llm_metadata_keys),
-                "excluded_embed_metadata_keys": _with_keys(node.excluded_embed_metadata_keys),
-            }
-        )
-        return NodeWithScore(node=copy, score=score)
-
-
-def _with_keys(keys: List[str]) -> List[str]:
-    return [*keys, *(k for k in METADATA_KEYS if k not in keys)]

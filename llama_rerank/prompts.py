@@ -9,11 +9,17 @@ marks and invisible characters (zero-width space, soft hyphen) dropped, look-ali
 tag only appears once entities or %-escapes are resolved is shown resolved. Other text is left exactly as it is
 (the prompt is part of the judgement cache key and of llama.cpp's cached prefix, so it stays deterministic).
 With structured output the answer's form is also given as a JSON schema (:func:`answer_schema`). The template's variables are ``{query}``, ``{num}``, ``{labels}`` and ``{passages}``.
+
+This module owns the answer's format as well as the prompt's: the line ``[i] label`` (or the JSON object
+``{"i": "label"}``), what an answer and a fence cost in tokens (:func:`answer_tokens`, :func:`fence_tokens`, which
+budgeting asks), and a sample answer (:func:`sample_answer`, which estimates count). Changing the format means
+changing it here only.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import re
 import unicodedata
 from typing import Any, Sequence
@@ -22,6 +28,7 @@ from urllib.parse import unquote
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.prompts import BasePromptTemplate, ChatPromptTemplate
 
+from llama_rerank.budget import Encode
 from llama_rerank.labels import LabelScale
 
 SYSTEM_PROMPT = (
@@ -101,10 +108,42 @@ def _defused(text: str) -> str:
     return "".join(parts) + text[last:]
 
 
+PASSAGE_SEPARATOR = "\n\n"
+ANSWER_PREAMBLE_TOKENS = 16  # room for a short preamble before the answer's lines
+
+
+def _fenced(i: int, text: str) -> str:
+    return f'<passage id="{i}">\n{text}\n</passage>'
+
+
 def render_passages(texts: Sequence[str]) -> str:
     """Number and fence passages; a passage that reads as containing a ``<passage``/``</passage`` tag (however it is
     spelt) gets it defused to ``<_passage``/``</_passage``, so the fences stay ours."""
-    return "\n\n".join(f'<passage id="{i}">\n{_defused(text)}\n</passage>' for i, text in enumerate(texts, start=1))
+    return PASSAGE_SEPARATOR.join(_fenced(i, _defused(text)) for i, text in enumerate(texts, start=1))
+
+
+def fence_tokens(encode: Encode) -> int:
+    """Tokens a passage's fence and separator add to its text (counted for a two-digit id)."""
+    return len(encode(_fenced(10, "") + PASSAGE_SEPARATOR))
+
+
+def _line(i: int, label: str) -> str:
+    return f"[{i}] {label}"
+
+
+def answer_tokens(n: int, labels: Sequence[str], encode: Encode) -> int:
+    """Tokens an answer of ``n`` lines ``[i] label`` (or a JSON object ``{"i": "label", ...}``) needs, with room
+    for a short preamble."""
+    longest = max(labels, key=len)
+    entry = max(len(encode(_line(n, longest) + "\n")), len(encode(f'"{n}": "{longest}", ')))
+    return n * entry + ANSWER_PREAMBLE_TOKENS
+
+
+def sample_answer(n: int, label: str, structured: bool) -> str:
+    """A complete answer for ``n`` candidates that all get ``label``."""
+    if structured:
+        return json.dumps({str(i): label for i in range(1, n + 1)})
+    return "\n".join(_line(i, label) for i in range(1, n + 1))
 
 
 def prompt_vars(query: str, texts: Sequence[str], scale: LabelScale) -> dict[str, str]:

@@ -1,10 +1,12 @@
 from llama_index.core.utils import get_tokenizer
 
-from llama_rerank.budget import TRUNCATION_MARKER, answer_tokens, pack_windows, resolve_encoder, truncate
+from llama_rerank.budget import TRUNCATION_MARKER, pack_windows, passage_budget, resolve_encoder, truncate
+from llama_rerank.prompts import answer_tokens, fence_tokens
 from llama_rerank.types import Candidate
 from fakes import ScriptedLLM
 
 ENCODE = get_tokenizer()
+FENCE = fence_tokens(ENCODE)
 
 
 def test_short_text_is_unchanged():
@@ -34,14 +36,14 @@ def _candidates(sizes):
 
 
 def test_windows_respect_count_and_budget_and_keep_order():
-    windows = pack_windows(_candidates([100] * 7), window_size=3, passage_budget=250, encode=ENCODE)
+    windows = pack_windows(_candidates([100] * 7), window_size=3, passage_budget=250, fence=FENCE, encode=ENCODE)
     assert [[c.index for c in w] for w in windows] == [[0, 1], [2, 3], [4, 5], [6]]
-    windows = pack_windows(_candidates([10] * 7), window_size=3, passage_budget=10_000, encode=ENCODE)
+    windows = pack_windows(_candidates([10] * 7), window_size=3, passage_budget=10_000, fence=FENCE, encode=ENCODE)
     assert [len(w) for w in windows] == [3, 3, 1]
 
 
 def test_passage_larger_than_budget_is_cut_to_fit_alone():
-    [window] = pack_windows([Candidate(0, "word " * 3000, 3000, None)], 5, 200, ENCODE)
+    [window] = pack_windows([Candidate(0, "word " * 3000, 3000, None)], 5, 200, FENCE, ENCODE)
     assert window[0].tokens < 200 and window[0].text.endswith(TRUNCATION_MARKER)
 
 

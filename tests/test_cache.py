@@ -545,9 +545,9 @@ def test_a_copied_reranker_opens_its_cache_again(tmp_path):
 
     for spec in ("memory", str(tmp_path / "judgements.db")):
         reranker = LikelihoodRerank(cache=spec)
-        opened = reranker._judgement_cache
+        opened = reranker.resources.cache
         for twin in (copy.deepcopy(reranker), pickle.loads(pickle.dumps(reranker))):
-            assert twin._judgement_cache is not opened and twin._judgement_cache.spec == spec
+            assert twin.resources.cache is not opened and twin.resources.cache.spec == spec
 
 
 # concurrency on one SQLite file --------------------------------------------------------------------------------------

@@ -177,7 +177,7 @@ def test_changing_llm_after_construction_changes_the_token_counter():
     reranker.rerank("q", make_nodes([text]))
     assert passages(reranker.llm.prompts[0]) == ["source: doc0\n\n" + text.strip()]  # 12 cl100k tokens: fits
     reranker.llm = _CharLLM(label_by_keyword({}))
-    assert len(reranker._encode(text)) == len(text)
+    assert len(reranker.resources.encode(text)) == len(text)
     reranker.rerank("q", make_nodes([text]))
     (cut,) = passages(reranker.llm.prompts[0])
     assert cut.endswith("[...truncated]") and len(cut) <= 16  # counted in characters now
@@ -194,7 +194,7 @@ def test_the_cache_store_follows_a_changed_cache_field(tmp_path):
     assert len(llm.prompts) == 2, "a new store, not the memory one"
     reranker.cache = None
     reranker.rerank("q", nodes)
-    assert len(llm.prompts) == 3 and reranker._judgement_cache is None
+    assert len(llm.prompts) == 3 and reranker.resources.cache is None
 
 
 def test_a_reranker_used_with_llamaindexs_openai_class_copies_and_pickles_without_a_word(caplog):

@@ -68,9 +68,9 @@ def test_a_new_max_concurrency_takes_effect_and_copies_get_their_own_budget():
     reranker.rerank("q", nodes)
     assert llm.max_in_flight == 1
     alone = LikelihoodRerank(max_concurrency=2)  # (the scripted LLM itself cannot be deep-copied)
-    limit = alone._call_limit
+    limit = alone.resources.limit
     twin = copy.deepcopy(alone)
-    assert twin._call_limit is not limit and twin._call_limit.size == 2 and alone._call_limit is limit
+    assert twin.resources.limit is not limit and twin.resources.limit.size == 2 and alone.resources.limit is limit
 
 
 # the limit on its own ----------------------------------------------------------------------------------------------

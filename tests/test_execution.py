@@ -76,7 +76,7 @@ async def test_a_cancelled_rerank_ends_at_once_and_is_never_retried(how, caplog)
     await asyncio.sleep(1.5)  # longer than a retry's backoff plus the call timeout
     assert len(llm.prompts) == 2, "nothing calls again in the background"
     assert "retrying" not in caplog.text
-    assert reranker._call_limit.in_use == 0
+    assert reranker.resources.limit.in_use == 0
 
 
 @pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="sends SIGINT to the main thread (POSIX)")
@@ -103,7 +103,7 @@ def test_ctrl_c_during_a_sync_rerank_surfaces_at_once_and_starts_nothing(windows
     wait_until(lambda: llm.in_flight == 0)
     time.sleep(0.2)
     assert len(llm.prompts) == started, "no window started after Ctrl-C"
-    wait_until(lambda: reranker._call_limit.in_use == 0)  # the abandoned calls' threads gave their slots back
+    wait_until(lambda: reranker.resources.limit.in_use == 0)  # the abandoned calls' threads gave their slots back
 
 
 def test_ctrl_c_raised_inside_a_window_stops_the_rerank_and_frees_every_slot():
@@ -117,7 +117,7 @@ def test_ctrl_c_raised_inside_a_window_stops_the_rerank_and_frees_every_slot():
     wait_until(lambda: llm.in_flight == 0)
     time.sleep(0.2)
     assert len(llm.prompts) == 3, "no window started after Ctrl-C"
-    wait_until(lambda: reranker._call_limit.in_use == 0)
+    wait_until(lambda: reranker.resources.limit.in_use == 0)
 
 
 # -- a permanent error stops everything -----------------------------------------------------------------------------
@@ -263,4 +263,4 @@ async def test_a_rerank_cancelled_over_real_http_sends_no_further_request(caplog
             await task
         await asyncio.sleep(1.0)
         assert len(stub.chat_requests) == 2, "one request per window, none after the cancellation"
-    assert "retrying" not in caplog.text and reranker._call_limit.in_use == 0
+    assert "retrying" not in caplog.text and reranker.resources.limit.in_use == 0

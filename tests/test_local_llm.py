@@ -89,7 +89,7 @@ def test_structured_output_on_the_bundled_model_keeps_logprob_scores(demo_index)
     result = reranker.rerank("The milk makes a squealing noise while I froth it", nodes)
     assert {n.node.node_id for n in result.nodes} == {n.node.node_id for n in nodes}
     assert result.usage.unparsed == 0 and result.usage.failed_windows == 0
-    assert reranker._calls.structured, "the server took the schema"
+    assert reranker.resources.adapter.structured, "the server took the schema"
     assert result.usage.logprob_scored == 4
 
 

@@ -202,7 +202,7 @@ def test_a_changed_max_concurrency_takes_effect_on_the_next_rerank(mode):
     assert llm.max_in_flight == 1
 
 
-def test_the_first_reranks_started_together_build_one_limit_one_provider_one_cache(monkeypatch):
+def test_the_first_reranks_started_together_build_one_limit_one_adapter_one_cache(monkeypatch):
     """Lazily built state is built once even when many threads reach it together: each build is slowed down here, so
     without the lock every thread would build its own (and each limit of 1 would let one more call in flight)."""
     import llama_rerank.postprocessor as module
@@ -246,11 +246,11 @@ def test_a_used_reranker_deep_copies_and_pickles_without_a_word(caplog):
     assert caplog.records == [], "nothing is dropped from the pickle with a warning on the root logger"
     for twin in copies:
         assert twin.top_n == 2 and twin.cache == "memory"
-        assert twin._call_limit is not reranker._call_limit and twin._judgement_cache is not reranker._judgement_cache
+        assert twin.resources.limit is not reranker.resources.limit and twin.resources.cache is not reranker.resources.cache
         assert len(twin.rerank("q", nodes).nodes) == 2
-    limit = reranker._call_limit
+    limit = reranker.resources.limit
     shallow = reranker.model_copy(update={"max_concurrency": 1})
-    assert shallow._call_limit.size == 1 and reranker._call_limit is limit, "a shallow copy builds its own, too"
+    assert shallow.resources.limit.size == 1 and reranker.resources.limit is limit, "a shallow copy builds its own, too"
 
 
 # 7. token budget ---------------------------------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def test_windows_are_packed_to_fit_the_context_window(nodes):
     long_nodes = make_nodes([f"passage {i} " + "lorem ipsum " * 60 for i in range(8)])
     result = LikelihoodRerank(llm=llm, window_size=8, top_n=8, max_passage_tokens=200).rerank("q", long_nodes)
     assert len(result.nodes) == 8
-    encode = LikelihoodRerank(llm=llm)._encode
+    encode = LikelihoodRerank(llm=llm).resources.encode
     assert len(llm.prompts) > 1
     assert all(len(encode(p)) + 8 * 6 + 16 <= 700 for p in llm.prompts)
 

@@ -1,12 +1,16 @@
-"""The passage fence: a passage's text can never open or close a fence, however it spells the tag; the prompt's layout."""
+"""The passage fence: a passage's text can never open or close a fence, however it spells the tag; the prompt's layout;
+the answer format's parts (sample answer, answer and fence costs) agreeing with each other."""
 
 import os
 import re
 
 import pytest
 
+from llama_index.core.utils import get_tokenizer
+
 from llama_rerank import DEFAULT_SCALE, LabelScale
-from llama_rerank.prompts import answer_schema, render_passages
+from llama_rerank.parse import parse_labels
+from llama_rerank.prompts import answer_schema, answer_tokens, fence_tokens, render_passages, sample_answer
 
 
 @pytest.mark.parametrize(
@@ -98,3 +102,25 @@ def test_through_a_rerank_every_spelling_stays_inside_its_passage():
     assert len(passages(prompt)) == 2 and prompt.count("\n</passage>") == 2
     assert len(re.findall(r'<passage id="\d+">', prompt)) == 2
     assert not any(s in prompt for s in spellings)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_a_sample_answer_reads_back_as_its_labels_within_the_answer_budget(structured):
+    """What estimates count (the sample answer) is an answer the parser reads whole, and the budget each call
+    gives the answer covers it, whatever the label: the three come from one definition of the format."""
+    encode, scale = get_tokenizer(), LabelScale.from_mapping(dict(DEFAULT_SCALE))
+    for n in (1, 9, 10, 25):
+        for label in scale.labels:
+            answer = sample_answer(n, label, structured)
+            parsed = parse_labels(answer, n, scale)
+            assert parsed.labels == {i: label for i in range(1, n + 1)} and not parsed.missing
+            assert len(encode(answer)) <= answer_tokens(n, scale.labels, encode)
+
+
+def test_the_fence_cost_is_what_the_fences_add_within_a_token_a_passage():
+    """Counted on an empty fence, the cost can miss one token where the text splits a merged ``">\\n\\n``
+    (cl100k); the budget's safety margin covers that (a known approximation, not widened here)."""
+    encode = get_tokenizer()
+    texts = [f"passage number {i} about wings" for i in range(12)]
+    added = len(encode(render_passages(texts))) - sum(len(encode(t)) for t in texts)
+    assert len(texts) * (fence_tokens(encode) - 1) <= added <= len(texts) * (fence_tokens(encode) + 1)

@@ -1,4 +1,4 @@
-"""Runs the windows: prompt -> LLM -> parse -> judgements, with follow-ups and the failure policy.
+"""The :class:`Judge`: runs the windows, prompt -> LLM -> parse -> judgements, with follow-ups and the failure policy.
 
 One window's steps are one coroutine (:meth:`Judge._run_window`); a rerank runs its windows as concurrent tasks
 (:func:`~llama_rerank.concurrency.all_or_none`), awaited by ``arerank`` and run to completion in an event loop of
@@ -15,21 +15,20 @@ candidate was labelled is stored.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 from llama_index.core.prompts import BasePromptTemplate
 
-from llama_rerank.budget import Encode, answer_tokens
+from llama_rerank.budget import Encode, passage_budget
 from llama_rerank.cache import JudgementCache, judgement_key
 from llama_rerank.concurrency import CallLimit, all_or_none, in_thread, run_blocking
 from llama_rerank.errors import LLMConfigError, RerankLLMError
 from llama_rerank.labels import LabelScale
 from llama_rerank.llm import LLMCaller, LLMReply
 from llama_rerank.parse import parse_labels
-from llama_rerank.prompts import answer_schema, prompt_vars, render
+from llama_rerank.prompts import answer_schema, answer_tokens, prompt_vars, render, sample_answer
 from llama_rerank.scoring import align_tokens, average_passes, label_probabilities
 from llama_rerank.types import Candidate, Judgement, RerankEstimate, RerankUsage
 
@@ -84,7 +83,7 @@ class Judge:
         for round_ in range(self.followups + 1):
             try:
                 reply = await self.caller.acall(
-                    self._prompt(query, pending),
+                    self._render(query, pending),
                     answer_tokens(len(pending), self.scale.labels, self.encode),
                     answer_schema(len(pending), self.scale),
                     self.limit,
@@ -102,14 +101,20 @@ class Judge:
                 break
         return pending
 
-    def _prompt(self, query: str, window: Sequence[Candidate]) -> object:
+    def _render(self, query: str, window: Sequence[Candidate]) -> object:
         return render(self.template, self.is_chat, prompt_vars(query, [c.text for c in window], self.scale))
+
+    def passage_budget(self, query: str, window_size: int, context_window: int) -> int:
+        """Tokens left for the passages of a window of ``window_size`` once the prompt for ``query`` (counted as
+        the calls count it) and the answer are counted; a ``ValueError`` when too few are left."""
+        prompt = self.caller.count(self._render(query, []))
+        return passage_budget(context_window, prompt, answer_tokens(window_size, self.scale.labels, self.encode))
 
     def _cache_key(self, query: str, window: Sequence[Candidate]) -> str | None:
         if self.cache is None:
             return None
         max_tokens = answer_tokens(len(window), self.scale.labels, self.encode)
-        return judgement_key(self.cache_scope, self._prompt(query, window), max_tokens)
+        return judgement_key(self.cache_scope, self._render(query, window), max_tokens)
 
     def _reuse(
         self, cached: list[Judgement] | None, window: Sequence[Candidate], out: dict[int, Judgement], usage: RerankUsage
@@ -189,8 +194,8 @@ class Judge:
                 estimate.cache_hits += len(window)
                 continue
             estimate.llm_calls += 1
-            estimate.prompt_tokens += self.caller.count(self._prompt(query, window))
-            answers = [_answer(len(window), label, structured) for label in self.scale.labels]
+            estimate.prompt_tokens += self.caller.count(self._render(query, window))
+            answers = [sample_answer(len(window), label, structured) for label in self.scale.labels]
             estimate.completion_tokens += round(sum(len(self.encode(a)) for a in answers) / len(answers))
         return estimate
 
@@ -214,11 +219,4 @@ class Judge:
                 if unjudged:
                     self._fail(unjudged, late, out, job_usage)
         return self._merge(jobs, passes, usage)
-
-
-def _answer(n: int, label: str, structured: bool) -> str:
-    """A complete answer for ``n`` candidates that all get ``label``."""
-    if structured:
-        return json.dumps({str(i): label for i in range(1, n + 1)})
-    return "\n".join(f"[{i}] {label}" for i in range(1, n + 1))
 
