@@ -279,6 +279,15 @@ def test_query_that_fills_the_context_is_a_clear_error():
         LikelihoodRerank(llm=llm).rerank("word " * 400, make_nodes(["a"]))
 
 
+def test_nodes_without_text_need_no_room_in_the_context():
+    """With nothing to judge there is no prompt, so a query too long for the context is no error: the textless
+    nodes come back in retrieval order with no LLM call."""
+    llm = ScriptedLLM(label_by_keyword({}), context_window=300)
+    blank = [NodeWithScore(node=TextNode(text=text, id_=f"blank{i}"), score=0.5) for i, text in enumerate(["  ", "\n"])]
+    result = LikelihoodRerank(llm=llm).rerank("word " * 400, blank)
+    assert [n.node.node_id for n in result.nodes] == ["blank0", "blank1"] and llm.prompts == []
+
+
 # 8. failures -------------------------------------------------------------------------------------------------------
 
 
