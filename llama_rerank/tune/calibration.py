@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Sequence
 
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.schema import QueryBundle
@@ -101,7 +101,7 @@ class CalibratedRerank(LikelihoodRerank):
     """``LikelihoodRerank`` whose scores are calibrated probabilities (see the module docstring)."""
 
     calibration: Dict[str, Any] = Field(description="The fitted map: Calibration.to_dict() (breakpoints x, probabilities y).")
-    _map: Optional[Calibration] = PrivateAttr(default=None)
+    _map: Calibration | None = PrivateAttr(default=None)
 
     @classmethod
     def class_name(cls) -> str:
@@ -113,7 +113,7 @@ class CalibratedRerank(LikelihoodRerank):
             raise ValueError("a calibration reads un-normalised scores: use normalize=False with it")
         self._map = Calibration.from_dict(self.calibration)
 
-    def _cutoff(self) -> Optional[float]:
+    def _cutoff(self) -> float | None:
         """Only ``min_label`` cuts on the LLM's score here; ``min_score`` is a probability, applied after calibration."""
         return None if self.min_label is None else self.scale.score(self.min_label)
 
