@@ -12,7 +12,7 @@ caller can save work before a long batch ends.
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
@@ -38,7 +38,7 @@ def check_batch(
         check_query(query)
 
 
-def _bar(total: int, progress: Optional[bool]) -> Any:
+def _bar(total: int, progress: bool | None) -> Any:
     from tqdm import tqdm  # a dependency of llama-index-core; tqdm.auto warns in Jupyter without ipywidgets
 
     show = total >= PROGRESS_FROM if progress is None else progress
@@ -49,8 +49,8 @@ def run_batch(
     arerank: Callable[[Any, Sequence[NodeWithScore]], Awaitable[Result]],
     queries: Sequence[Any],
     node_lists: Sequence[Sequence[NodeWithScore]],
-    progress: Optional[bool],
-    on_result: Optional[OnResult] = None,
+    progress: bool | None,
+    on_result: OnResult | None = None,
 ) -> list[Result]:
     """Blocking :func:`arun_batch` (the LLM's sync methods, on threads)."""
     return run_blocking(arun_batch, arerank, queries, node_lists, progress, on_result)
@@ -60,8 +60,8 @@ async def arun_batch(
     arerank: Callable[[Any, Sequence[NodeWithScore]], Awaitable[Result]],
     queries: Sequence[Any],
     node_lists: Sequence[Sequence[NodeWithScore]],
-    progress: Optional[bool],
-    on_result: Optional[OnResult] = None,
+    progress: bool | None,
+    on_result: OnResult | None = None,
 ) -> list[Result]:
     """``arerank`` on each (query, nodes) pair as concurrent tasks; the shared budget paces their LLM calls."""
     if not queries:
@@ -76,7 +76,7 @@ async def arun_batch(
         return await all_or_none(one(i) for i in range(len(queries)))
 
 
-def _done(bar: Any, on_result: Optional[OnResult], position: int, result: Any) -> None:
+def _done(bar: Any, on_result: OnResult | None, position: int, result: Any) -> None:
     if on_result is not None:
         on_result(position, result)
     bar.update()

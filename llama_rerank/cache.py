@@ -42,7 +42,7 @@ import threading
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from cachetools import LRUCache
 from llama_index.core.base.llms.types import ChatMessage
@@ -73,7 +73,7 @@ Spec = Any  # None, "memory", a str or os.PathLike path, or a BaseKVStore
 class Store(Protocol):
     """Where cached windows live: JSON-able dicts by key."""
 
-    def get(self, key: str) -> Optional[dict]: ...
+    def get(self, key: str) -> dict | None: ...
 
     def put(self, key: str, value: dict) -> None: ...
 
@@ -85,7 +85,7 @@ class MemoryStore:
         self._lru: LRUCache[str, dict] = LRUCache(maxsize=size)
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> Optional[dict]:
+    def get(self, key: str) -> dict | None:
         with self._lock:
             return self._lru.get(key)
 
@@ -101,9 +101,9 @@ class SQLiteStore:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._db: Optional[sqlite3.Connection] = None
+        self._db: sqlite3.Connection | None = None
 
-    def _execute(self, sql: str, args: tuple[str, ...]) -> Optional[tuple[str]]:
+    def _execute(self, sql: str, args: tuple[str, ...]) -> tuple[str] | None:
         if not self._lock.acquire(timeout=SQLITE_BUSY_S):
             raise TimeoutError(f"another call on this SQLite file has taken over {SQLITE_BUSY_S:g} s")
         try:
@@ -116,7 +116,7 @@ class SQLiteStore:
         finally:
             self._lock.release()
 
-    def get(self, key: str) -> Optional[dict]:
+    def get(self, key: str) -> dict | None:
         row = self._execute("SELECT value FROM judgements WHERE key = ?", (key,))
         return json.loads(row[0]) if row else None
 
@@ -131,7 +131,7 @@ class KVStore:
         self.store = store
         self._threads = threading.BoundedSemaphore(STORE_THREADS)
 
-    def get(self, key: str) -> Optional[dict]:
+    def get(self, key: str) -> dict | None:
         return self._bounded(lambda: self.store.get(key, collection=COLLECTION))
 
     def put(self, key: str, value: dict) -> None:
@@ -205,7 +205,7 @@ def name_endpoint(api_base: str, name: str) -> None:
     _ENDPOINT_NAMES[api_base.rstrip("/")] = name
 
 
-def endpoint(llm: LLM) -> Optional[str]:
+def endpoint(llm: LLM) -> str | None:
     """Where ``llm`` is served, as a stable value: its API base (or Azure endpoint), or the name given to it."""
     base = getattr(llm, "api_base", None) or getattr(llm, "azure_endpoint", None)
     return _ENDPOINT_NAMES.get(str(base).rstrip("/"), base) if base else None
@@ -294,7 +294,7 @@ class JudgementCache:
         """A copied or unpickled reranker opens the same spec again (connections and locks are not copied)."""
         return type(self), (self.spec,)
 
-    def get(self, key: str, size: int, scale: LabelScale) -> Optional[list[Judgement]]:
+    def get(self, key: str, size: int, scale: LabelScale) -> list[Judgement] | None:
         """The ``size`` judgements stored under ``key``, or None (a miss; an unusable entry or a failing store is
         logged)."""
         if time.monotonic() < self._resume_at:

@@ -22,13 +22,13 @@ import contextlib
 import contextvars
 import threading
 from collections import deque
-from typing import Any, Awaitable, Callable, Iterable, Optional, TypeVar
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 T = TypeVar("T")
 RECLAIM_EVERY = 1.0  # seconds between a waiter's checks for slots held by event loops that were closed
 
 _blocking: contextvars.ContextVar[bool] = contextvars.ContextVar("llama_rerank_blocking", default=False)
-_private_limits: contextvars.ContextVar[Optional[dict[int, "CallLimit"]]] = contextvars.ContextVar(
+_private_limits: contextvars.ContextVar[dict[int, "CallLimit"] | None] = contextvars.ContextVar(
     "llama_rerank_private_limits", default=None
 )
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, TypedDict, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Literal, Sequence, TypedDict
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -71,7 +71,7 @@ def _passing(callbacks: Callbacks) -> Iterator[None]:
         _callbacks.reset(token)
 
 
-def _config() -> Optional[RunnableConfig]:
+def _config() -> RunnableConfig | None:
     """The config for a chat model call: the compressor's callbacks, if it was given any (else LangChain's own
     context applies, as for any runnable)."""
     callbacks = _callbacks.get()
@@ -112,7 +112,7 @@ class LangChainChatLLM(CustomLLM):
         return bool(getattr(self._chat, "logprobs", False))
 
     @property
-    def api_base(self) -> Optional[str]:
+    def api_base(self) -> str | None:
         """The chat model's server (``ChatOpenAI``'s ``base_url``), where it has one: error messages name it."""
         return getattr(self._chat, "openai_api_base", None)
 
@@ -174,7 +174,7 @@ def _reply(message: BaseMessage, chat: bool) -> dict[str, Any]:
             "additional_kwargs": {k: v for k, v in counts.items() if v is not None}}  # fmt: skip
 
 
-def _logprobs(logprobs: Any) -> Optional[List[List[LogProb]]]:
+def _logprobs(logprobs: Any) -> List[List[LogProb]] | None:
     """OpenAI's ``{"content": [{token, logprob, bytes, top_logprobs: [...]}]}`` (``ChatOpenAI`` keeps it as dicts) as
     LlamaIndex ``LogProb`` lists, the sampled token first (:func:`~llama_rerank.adapters.sampled_first`). ``None``
     for anything else."""
@@ -197,18 +197,18 @@ class RerankOptions(TypedDict, total=False):
     max_passage_tokens: int
     followup_calls: int
     max_retries: int
-    timeout: Optional[float]
-    deadline: Optional[float]
+    timeout: float | None
+    deadline: float | None
     on_error: Literal["fallback", "raise"]
-    min_score: Optional[float]
-    min_label: Optional[str]
+    min_score: float | None
+    min_label: str | None
     retrieval_weight: float
     retrieval_signal: Literal["rank", "score"]
     normalize: bool
     reverse_pass: bool
     structured_output: bool
-    cache: Union[None, str, os.PathLike[str], BaseKVStore]
-    tokenizer: Optional[Callable[[str], Sequence[Any]]]
+    cache: str | os.PathLike[str] | BaseKVStore | None
+    tokenizer: Callable[[str], Sequence[Any]] | None
 
 
 class LikelihoodRerankCompressor(BaseDocumentCompressor):
@@ -226,12 +226,12 @@ class LikelihoodRerankCompressor(BaseDocumentCompressor):
     """
 
     reranker: LikelihoodRerank = Field(description="The LlamaIndex reranker doing the work.")
-    retrieval_score_key: Optional[str] = Field(
+    retrieval_score_key: str | None = Field(
         default=None, description="Metadata key holding each document's first-stage score, for "
         "retrieval_signal='score'; None: LangChain documents carry no score, and fusion uses the rank.",
     )  # fmt: skip
 
-    def __init__(self, llm: Any, *, retrieval_score_key: Optional[str] = None, **options: Unpack[RerankOptions]) -> None:
+    def __init__(self, llm: Any, *, retrieval_score_key: str | None = None, **options: Unpack[RerankOptions]) -> None:
         if isinstance(llm, BaseChatModel):
             if options.get("structured_output"):
                 raise ValueError(
@@ -257,7 +257,7 @@ class LikelihoodRerankCompressor(BaseDocumentCompressor):
         self.reranker.top_n = value
 
     def compress_documents(
-        self, documents: Sequence[Document], query: str, callbacks: Optional[Callbacks] = None
+        self, documents: Sequence[Document], query: str, callbacks: Callbacks | None = None
     ) -> Sequence[Document]:
         """Rerank ``documents`` for ``query``: at most ``top_n`` copies, best first, with the scores in metadata."""
         with _passing(callbacks):
@@ -265,7 +265,7 @@ class LikelihoodRerankCompressor(BaseDocumentCompressor):
         return self._documents(documents, result)
 
     async def acompress_documents(
-        self, documents: Sequence[Document], query: str, callbacks: Optional[Callbacks] = None
+        self, documents: Sequence[Document], query: str, callbacks: Callbacks | None = None
     ) -> Sequence[Document]:
         """Async :meth:`compress_documents`: the LLM calls are awaited concurrently (``max_concurrency``)."""
         with _passing(callbacks):
@@ -278,7 +278,7 @@ class LikelihoodRerankCompressor(BaseDocumentCompressor):
         return [NodeWithScore(node=TextNode(text=doc.page_content, id_=str(i)), score=self._score(doc, i))
                 for i, doc in enumerate(documents)]  # fmt: skip
 
-    def _score(self, doc: Document, position: int) -> Optional[float]:
+    def _score(self, doc: Document, position: int) -> float | None:
         if self.retrieval_score_key is None or doc.metadata.get(self.retrieval_score_key) is None:
             return None
         value = doc.metadata[self.retrieval_score_key]

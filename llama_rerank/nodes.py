@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Literal, Optional, Sequence
+from typing import Callable, List, Literal, Sequence
 
 from llama_index.core.schema import MetadataMode, NodeWithScore
 
@@ -31,7 +31,7 @@ class Ranking:
     """How judged candidates become the output: fusion with retrieval, the cutoff, how many nodes to return."""
 
     top_n: int
-    cutoff: Optional[float]  # judged candidates scoring below it are dropped
+    cutoff: float | None  # judged candidates scoring below it are dropped
     retrieval_weight: float
     retrieval_signal: Literal["rank", "score"]
     normalize: bool

@@ -14,7 +14,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Sequence, Tuple, TypeVar
 
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.bridge.pydantic import (
@@ -77,7 +77,7 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
     ...                                node_postprocessors=[LikelihoodRerank(llm=llm, top_n=5)])  # doctest: +SKIP
     """
 
-    llm: Optional[LLM] = Field(
+    llm: LLM | None = Field(
         default=None, description="The LLM that judges the candidates; None: Settings.llm, looked up when first used."
     )
     rerank_prompt: SerializeAsAny[BasePromptTemplate] = Field(
@@ -101,8 +101,8 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
     max_passage_tokens: int = Field(default=256, ge=16, description="Each passage is cut to this many tokens, with a marker.")
     followup_calls: int = Field(default=1, ge=0, description="Extra calls, each for just the candidates an answer left unlabelled.")
     max_retries: int = Field(default=2, ge=0, description="Retries (with backoff) of a failed or timed-out LLM call.")
-    timeout: Optional[float] = Field(default=120.0, gt=0, description="Seconds one LLM call may take; None waits forever.")
-    deadline: Optional[float] = Field(
+    timeout: float | None = Field(default=120.0, gt=0, description="Seconds one LLM call may take; None waits forever.")
+    deadline: float | None = Field(
         default=None, gt=0, description="Seconds one whole rerank may take: then the windows still running are "
         "cancelled and their candidates keep retrieval order, as after a failed call (RerankLLMError with "
         "on_error='raise'). None: bounded only by timeout, retries and max_concurrency (docs/RELIABILITY.md).",
@@ -111,8 +111,8 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         default="fallback",
         description="After the retries: 'fallback' keeps that window in retrieval order (warning logged); 'raise' raises RerankLLMError.",
     )
-    min_score: Optional[float] = Field(default=None, ge=0, le=1, description="Opt-in cutoff: drop judged candidates scoring below this.")
-    min_label: Optional[str] = Field(default=None, description="Opt-in cutoff by label: drop judged candidates scoring below its value.")
+    min_score: float | None = Field(default=None, ge=0, le=1, description="Opt-in cutoff: drop judged candidates scoring below this.")
+    min_label: str | None = Field(default=None, description="Opt-in cutoff by label: drop judged candidates scoring below its value.")
     retrieval_weight: float = Field(
         default=0.0, ge=0, le=1,
         description="Score fusion: final = (1 - w) * LLM score + w * retrieval signal, so a weak LLM refines the "
@@ -136,19 +136,19 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         "of the scale's labels) through response_format; OpenAI-compatible LLM classes only (OpenAI, OpenAILike, "
         "AzureOpenAI: vLLM, llama.cpp, Ollama and OpenAI itself constrain decoding to it). Logprob scoring still works.",
     )  # fmt: skip
-    cache: Optional[Any] = Field(
+    cache: Any | None = Field(
         default=None, description="Judgement cache: None; 'memory' (an LRU of 10,000 windows); a file path (an SQLite "
         "file, shared by threads and processes); or a LlamaIndex BaseKVStore (e.g. Redis, shared by every replica). "
         "A window judged before makes no LLM call; see llama_rerank.cache.",
     )  # fmt: skip
-    tokenizer: Optional[Callable[[str], Sequence[Any]]] = Field(
+    tokenizer: Callable[[str], Sequence[Any]] | None = Field(
         default=None, exclude=True, description="Token counter for budgets; default: the LLM's own if exposed, else cl100k."
     )
 
     model_config = ConfigDict(validate_assignment=True)  # reranker.top_n = 0 fails there, as at construction
 
     _derived: "_Derived" = PrivateAttr(default_factory=lambda: _Derived())
-    _last_usage: Optional[RerankUsage] = PrivateAttr(default=None)
+    _last_usage: RerankUsage | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -204,7 +204,7 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
 
     @field_validator("min_label")
     @classmethod
-    def _check_min_label(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+    def _check_min_label(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and "label_scale" in info.data:  # absent when label_scale itself failed
             _floor(_scale(tuple(info.data["label_scale"].items())), value)
         return value
@@ -215,7 +215,7 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         return check_spec(value)
 
     @field_serializer("cache")
-    def _dump_cache(self, value: Any) -> Optional[str]:
+    def _dump_cache(self, value: Any) -> str | None:
         """'memory' and paths go into ``to_dict()``; a KV store object cannot, so it is dumped as None."""
         return None if value is None or isinstance(value, BaseKVStore) else str(value)
 
@@ -254,7 +254,7 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         return Resources(self)
 
     @property
-    def last_usage(self) -> Optional[RerankUsage]:
+    def last_usage(self) -> RerankUsage | None:
         """Usage of the most recently finished rerank on this instance (use :meth:`rerank` for per-call usage)."""
         return self._last_usage
 
@@ -289,7 +289,7 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
     @dispatcher.span
     def rerank_batch(
         self, queries: Sequence[str | QueryBundle], node_lists: Sequence[Sequence[NodeWithScore]],
-        progress: Optional[bool] = None, on_result: Optional[OnResult] = None,
+        progress: bool | None = None, on_result: OnResult | None = None,
     ) -> List[RerankResult]:  # fmt: skip
         """One :class:`RerankResult` per query, in order; queries run concurrently within ``max_concurrency``.
 
@@ -303,14 +303,14 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
     @dispatcher.span
     async def arerank_batch(
         self, queries: Sequence[str | QueryBundle], node_lists: Sequence[Sequence[NodeWithScore]],
-        progress: Optional[bool] = None, on_result: Optional[OnResult] = None,
+        progress: bool | None = None, on_result: OnResult | None = None,
     ) -> List[RerankResult]:  # fmt: skip
         """Async :meth:`rerank_batch` (``on_result`` runs in the event loop)."""
         check_batch(queries, node_lists, _require_query)
         return await arun_batch(self.arerank, queries, node_lists, progress, on_result)
 
     def estimate(
-        self, query: str | QueryBundle, nodes: Sequence[NodeWithScore], prices: Optional[Mapping[str, float]] = None
+        self, query: str | QueryBundle, nodes: Sequence[NodeWithScore], prices: Mapping[str, float] | None = None
     ) -> RerankEstimate:
         """Windows, LLM calls and prompt/answer tokens :meth:`rerank` would use on these nodes, without calling the
         LLM; with ``prices`` (``{"prompt": ..., "completion": ...}`` per million tokens), the cost as well.
@@ -330,11 +330,11 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
             estimate.cost = tokens / 1e6
         return estimate
 
-    def _postprocess_nodes(self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle] = None) -> List[NodeWithScore]:
+    def _postprocess_nodes(self, nodes: List[NodeWithScore], query_bundle: QueryBundle | None = None) -> List[NodeWithScore]:
         return self.rerank(_require_query(query_bundle), nodes).nodes
 
     async def _apostprocess_nodes(
-        self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle] = None
+        self, nodes: List[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> List[NodeWithScore]:
         return (await self.arerank(_require_query(query_bundle), nodes)).nodes
 
@@ -383,13 +383,13 @@ class LikelihoodRerank(PromptMixin, BaseNodePostprocessor):
         return Ranking(self.top_n, self._cutoff(), self.retrieval_weight, self.retrieval_signal, self.normalize,
                        textless_score=self.scale.values[0])  # fmt: skip
 
-    def _cutoff(self) -> Optional[float]:
+    def _cutoff(self) -> float | None:
         """The score below which judged candidates are dropped (a subclass hook: ``CalibratedRerank`` cuts later)."""
         floors = [v for v in (self.min_score, _floor(self.scale, self.min_label)) if v is not None]
         return max(floors) if floors else None
 
     @classmethod
-    def from_settings(cls, path: str, llm: Optional[LLM] = None, **overrides: Any) -> "LikelihoodRerank":
+    def from_settings(cls, path: str, llm: LLM | None = None, **overrides: Any) -> "LikelihoodRerank":
         """The reranker a ``settings.json`` written by ``llama-rerank tune`` describes (``overrides`` win); with a
         calibration in it, scores are probabilities and ``min_score`` is one (:mod:`llama_rerank.tune.calibration`)."""
         from llama_rerank.tune.settings import load
@@ -428,7 +428,7 @@ class Resources:
         return self._reranker._derived.get("limit", (size,), lambda: CallLimit(size))
 
     @property
-    def cache(self) -> Optional[JudgementCache]:
+    def cache(self) -> JudgementCache | None:
         """The judgement store ``cache`` names, opened once (again when ``cache`` is set to something else)."""
         spec = self._reranker.cache
         return None if spec is None else self._reranker._derived.get("cache", (spec,), lambda: JudgementCache(spec))
@@ -461,7 +461,7 @@ def _scale(items: Tuple[Tuple[str, float], ...]) -> LabelScale:
     return LabelScale.from_mapping(dict(items))
 
 
-def _floor(scale: LabelScale, min_label: Optional[str]) -> Optional[float]:
+def _floor(scale: LabelScale, min_label: str | None) -> float | None:
     """The score of ``min_label`` on ``scale`` (None for no cutoff); an error if the scale has no such label."""
     if min_label is None:
         return None

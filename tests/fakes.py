@@ -7,7 +7,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Sequence
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -28,12 +28,12 @@ class Reply:
     ``error``, an exception the call ends in after that delay)."""
 
     text: str
-    logprobs: Optional[List[List[LogProb]]] = None
+    logprobs: List[List[LogProb]] | None = None
     delay: float = 0.0
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
 
 
-Script = Callable[[str, int], Union[str, Reply, BaseException]]
+Script = Callable[[str, int], str | Reply | BaseException]
 
 
 def passages(prompt: str) -> list[str]:

@@ -28,7 +28,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable
 from urllib.parse import urlsplit
 
 from openai_stub import ERRORS, Reply, rate_limited, read_prompt
@@ -44,10 +44,10 @@ class Call:
     """One request through the proxy (times from ``time.monotonic()``)."""
 
     start: float
-    fault: Optional[str] = None
+    fault: str | None = None
     query: str = ""
-    end: Optional[float] = None  # reply sent, or the client went away
-    upstream: Optional[tuple[float, float]] = None  # while the upstream server worked on it
+    end: float | None = None  # reply sent, or the client went away
+    upstream: tuple[float, float] | None = None  # while the upstream server worked on it
 
 
 class _Request:
@@ -66,7 +66,7 @@ class _Request:
             return ""
 
 
-async def _read_request(reader: asyncio.StreamReader, prefix: bytes) -> Optional[_Request]:
+async def _read_request(reader: asyncio.StreamReader, prefix: bytes) -> _Request | None:
     """The next request on a keep-alive connection, or None when the client closed it."""
     try:
         head = prefix + await reader.readuntil(b"\r\n\r\n")
@@ -98,7 +98,7 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 class FaultProxy:
     """The proxy; a context manager. ``url`` is the base URL a client is given (``.../v1``)."""
 
-    def __init__(self, upstream: str, seed: int = 0, faults: Optional[dict[str, float]] = None,
+    def __init__(self, upstream: str, seed: int = 0, faults: dict[str, float] | None = None,
                  max_faults: int = 100, duration: float = 60.0, slowest: float = 2.0) -> None:
         host, port = urlsplit(upstream).hostname, urlsplit(upstream).port
         if host not in ("127.0.0.1", "localhost", "::1") or port is None:
@@ -112,8 +112,8 @@ class FaultProxy:
         self._burst: tuple[str, int] = ("", 0)  # fault name, requests it still answers
         self._started = 0.0
         self._loop = asyncio.new_event_loop()
-        self._thread: Optional[threading.Thread] = None
-        self._server: Optional[asyncio.AbstractServer] = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task] = set()
 
     @property
@@ -155,7 +155,7 @@ class FaultProxy:
 
     # -- faults ------------------------------------------------------------------------------------------------
 
-    def _draw(self) -> Optional[str]:
+    def _draw(self) -> str | None:
         """The fault for the next request (called on the proxy's loop only, so draws follow arrival order)."""
         roll = self.random.random()  # drawn for every request, so the sequence depends on the seed alone
         fault, left = self._burst
@@ -284,7 +284,7 @@ def above(intervals: Iterable[tuple[float, float]], limit: int, grace: float) ->
                     key=lambda event: (event[0], event[1]))
     peak = open_ = stretches = 0
     longest = 0.0
-    since: Optional[float] = None
+    since: float | None = None
     for at, step in events:
         open_ += step
         peak = max(peak, open_)

@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import parse_qsl, urlsplit
 
 DEFAULT_LABELS = ("unlikely", "likely", "very likely")
@@ -122,16 +122,16 @@ class Profile:
     model: str
     dialect: str = "openai"  # error bodies and messages: openai, azure, vllm, ollama, llamacpp
     logprobs: bool = True  # False: the request's logprobs fields are ignored, the reply has none
-    max_top_logprobs: Optional[int] = 20  # None: no maximum
+    max_top_logprobs: int | None = 20  # None: no maximum
     logprob_ids: bool = False  # each logprob entry also carries the token id (llama.cpp)
     structured: str = "yes"  # json_schema response_format: "yes", "ignore" (plain answer) or "reject" (400)
     usage: bool = True
     usage_details: bool = False  # usage.completion_tokens_details.reasoning_tokens (OpenAI, Azure)
-    reasoning: Optional[Reasoning] = None  # hidden reasoning tokens (OpenAI reasoning models)
-    thinking: Optional[str] = None  # visible reasoning: "inline" (<think> in content) or the message field's name
+    reasoning: Reasoning | None = None  # hidden reasoning tokens (OpenAI reasoning models)
+    thinking: str | None = None  # visible reasoning: "inline" (<think> in content) or the message field's name
     strict_model: bool = True  # an unknown model (Azure: deployment) gets the provider's 404
     judge: Callable[[str, str], str] = keyword_judge
-    tokenizer: Optional[Callable[[str], list[int]]] = None  # usage counted with it (e.g. cl100k()), not word-ish tokens
+    tokenizer: Callable[[str], list[int]] | None = None  # usage counted with it (e.g. cl100k()), not word-ish tokens
 
 
 _OLLAMA_EFFORTS = ("high", "medium", "low", "none")
@@ -235,8 +235,8 @@ class Reply:
     drop: bool = False
 
 
-def openai_error(status: int, message: str, type_: str, code: Optional[str] = None,
-                 param: Optional[str] = None, headers: Optional[Mapping[str, str]] = None) -> Reply:
+def openai_error(status: int, message: str, type_: str, code: str | None = None,
+                 param: str | None = None, headers: Mapping[str, str] | None = None) -> Reply:
     """A reply with OpenAI's error body ``{"error": {message, type, param, code}}``."""
     return Reply(status, {"error": {"message": message, "type": type_, "param": param, "code": code}},
                  dict(headers or {}))
@@ -307,7 +307,7 @@ MISCONFIGURED: dict[str, Reply] = {
 }
 
 
-def _error(dialect: str, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> Reply:
+def _error(dialect: str, status: int, message: str, param: str | None = None, code: str | None = None) -> Reply:
     """An error in the body shape of ``dialect``'s server."""
     kind = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
     if dialect == "vllm":
@@ -354,7 +354,7 @@ def _model_not_found(profile: Profile, model: Any) -> Reply:
 
 # --- answers -------------------------------------------------------------------------------------------------------
 
-Segment = tuple[str, Optional[str]]  # text, and the label it spells (its first token gets label alternatives)
+Segment = tuple[str, str | None]  # text, and the label it spells (its first token gets label alternatives)
 
 
 def _schema_enums(schema: Mapping[str, Any]) -> dict[str, list[str]]:
@@ -379,9 +379,9 @@ def _schema_enums(schema: Mapping[str, Any]) -> dict[str, list[str]]:
     return enums
 
 
-def _tokens(segments: list[Segment]) -> list[tuple[str, Optional[str]]]:
+def _tokens(segments: list[Segment]) -> list[tuple[str, str | None]]:
     """Tokens, each with the label whose first token it is (or None)."""
-    out: list[tuple[str, Optional[str]]] = []
+    out: list[tuple[str, str | None]] = []
     for text, label in segments:
         out += [(tok, label if i == 0 else None) for i, tok in enumerate(tokenize(text))]
     return out
@@ -392,7 +392,7 @@ def _logprob_entry(token: str, logprob: float, with_id: bool) -> dict[str, Any]:
     return {"id": sum(token.encode()) % 100_000, **entry} if with_id else entry
 
 
-def _logprobs(tokens: list[tuple[str, Optional[str]]], labels: tuple[str, ...], top: int, with_id: bool) -> list:
+def _logprobs(tokens: list[tuple[str, str | None]], labels: tuple[str, ...], top: int, with_id: bool) -> list:
     """OpenAI's ``logprobs.content``: at a label's first token the other labels' first tokens are the alternatives."""
     content = []
     for token, label in tokens:
@@ -413,7 +413,7 @@ def _logprobs(tokens: list[tuple[str, Optional[str]]], labels: tuple[str, ...], 
     return content
 
 
-def _check(profile: Profile, body: Mapping[str, Any]) -> Optional[Reply]:
+def _check(profile: Profile, body: Mapping[str, Any]) -> Reply | None:
     """The provider's 400 for a parameter it rejects, or None."""
     dialect, reasoning = profile.dialect, profile.reasoning
     top, effort = body.get("top_logprobs"), body.get("reasoning_effort")
@@ -595,15 +595,15 @@ class StubServer:
     """The stub on 127.0.0.1; a context manager. ``script`` replies go, in order, to the first chat requests."""
 
     def __init__(self, profile: Profile | str = "openai-chat", script: Iterable[Reply] = (),
-                 api_key: Optional[str] = None) -> None:
+                 api_key: str | None = None) -> None:
         self.profile = PROFILES[profile] if isinstance(profile, str) else profile
         self.script = list(script)
         self.api_key = api_key  # when set, other keys get the provider's 401
         self.requests: list[Request] = []
         self._lock = threading.Lock()
         self._closing = threading.Event()
-        self._http: Optional[_HTTPServer] = None
-        self._thread: Optional[threading.Thread] = None
+        self._http: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
 
     @property
     def origin(self) -> str:
@@ -662,7 +662,7 @@ class StubServer:
         reply = answer(profile, body, azure.group(1) if azure else body.get("model"))
         return Reply(reply.status, reply.body, reply.headers, delay=scripted.delay if scripted else 0.0)
 
-    def _refuse(self, request: Request, azure: Optional[re.Match[str]]) -> Optional[Reply]:
+    def _refuse(self, request: Request, azure: re.Match[str] | None) -> Reply | None:
         """Azure's 404 for a path without ``api-version``; the provider's 401 for a wrong key."""
         if self.profile.dialect == "azure":
             if azure is None or "api-version" not in request.query:

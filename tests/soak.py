@@ -31,7 +31,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import httpx
 from llama_index.core.schema import NodeWithScore, TextNode
@@ -62,7 +62,7 @@ class Plan:
     slowest: float = 3.0  # the proxy's longest pause or trickle
     max_faults: int = 400
     fault_seconds: float = 300.0
-    deadline: Optional[float] = None  # the reranker's whole-rerank deadline (LikelihoodRerank.deadline), if set
+    deadline: float | None = None  # the reranker's whole-rerank deadline (LikelihoodRerank.deadline), if set
     grace: float = 0.5  # a cancelled rerank, or one past its deadline, must have ended this long after
     lag: float = 0.1  # calls above the limit for less than this are observation lag, not counted
 
@@ -92,7 +92,7 @@ class Rerank:
     start: float = 0.0
     end: float = 0.0
     bound: float = 0.0  # when it must have ended by
-    cancelled_at: Optional[float] = None
+    cancelled_at: float | None = None
     outcome: str = ""  # "ok", "cancelled", "deadline", or the exception's type
     calls: list[float] = field(default_factory=list)  # when each of its HTTP requests started
     lost: int = 0
@@ -113,7 +113,7 @@ class Figures:
     threads_left: list[str]  # right after the last rerank returned
     threads_left_later: list[str]  # once the proxy has closed and 2 s have passed
     tasks_left: int
-    sockets_left: Optional[int]  # None where open sockets cannot be counted
+    sockets_left: int | None  # None where open sockets cannot be counted
     calls_open_at_end: int  # requests the proxy still had in flight when the last rerank returned
     seconds: float
 
@@ -181,7 +181,7 @@ class Figures:
         return "\n".join(lines)
 
 
-_CURRENT: contextvars.ContextVar[Optional[Rerank]] = contextvars.ContextVar("soak_rerank", default=None)
+_CURRENT: contextvars.ContextVar[Rerank | None] = contextvars.ContextVar("soak_rerank", default=None)
 
 
 def _note_request() -> None:
@@ -195,7 +195,7 @@ async def _anote_request(request: httpx.Request) -> None:
     _note_request()
 
 
-def _open_sockets() -> Optional[int]:
+def _open_sockets() -> int | None:
     try:
         return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("socket:") for fd in os.listdir("/proc/self/fd"))
     except OSError:

@@ -9,7 +9,7 @@ import asyncio
 import copy
 import logging
 import sys
-from typing import Any, List, Optional
+from typing import Any, List
 
 import pytest
 from langchain_classic.retrievers import ContextualCompressionRetriever
@@ -52,11 +52,11 @@ class KeywordChatModel(BaseChatModel):
         reply = label_by_keyword(KEYWORDS)(prompt, len(self.calls))
         return ChatResult(generations=[ChatGeneration(message=AIMessage(content=reply))])
 
-    def _generate(self, messages: List[BaseMessage], stop: Optional[List[str]] = None, run_manager: Any = None,
+    def _generate(self, messages: List[BaseMessage], stop: List[str] | None = None, run_manager: Any = None,
                   **kwargs: Any) -> ChatResult:  # fmt: skip
         return self._answer(messages, "sync")
 
-    async def _agenerate(self, messages: List[BaseMessage], stop: Optional[List[str]] = None, run_manager: Any = None,
+    async def _agenerate(self, messages: List[BaseMessage], stop: List[str] | None = None, run_manager: Any = None,
                          **kwargs: Any) -> ChatResult:  # fmt: skip
         return self._answer(messages, "async")
 

@@ -10,7 +10,7 @@ parse (numbers, ``true``, ``null``) and as text otherwise. To add a system, add 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from llama_index.core.llms import LLM
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
@@ -21,7 +21,7 @@ from llama_rerank.postprocessor import LikelihoodRerank
 
 FIRST_STAGE = "first-stage"
 
-Factory = Callable[..., Optional[BaseNodePostprocessor]]
+Factory = Callable[..., BaseNodePostprocessor | None]
 
 
 def _likelihood(llm: LLM, top_k: int, **params: Any) -> LikelihoodRerank:
