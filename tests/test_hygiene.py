@@ -1,5 +1,6 @@
-"""Committed files name no path of any machine (checkout, home, temp, system and user folders), and no public
-evaluation collection is committed (they are read from ``$LLAMA_RERANK_DATA``, never shipped)."""
+"""Committed files name no path of any machine (checkout, home, temp, system and user folders), no public
+evaluation collection is committed (they are read from ``$LLAMA_RERANK_DATA``, never shipped), and Python files
+spell optional and union types one way (README, Layout)."""
 
 from __future__ import annotations
 
@@ -144,3 +145,14 @@ def test_a_renamed_copy_of_a_collection_file_is_caught(tmp_path, monkeypatch):
     fine.write_text("results derived from it\n")
     known = {hashlib.sha256(copy.read_bytes()).hexdigest()}
     assert collection_files_in([tmp_path / "data" / "cranqrel", copy, fine], known) == ["data/cranqrel", "abstracts.txt"]
+
+
+OLD_UNION = re.compile(r"\b(?:Optional|Union)\[")
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs a git checkout")
+def test_optional_and_union_types_are_spelled_with_a_bar():
+    python = [path for path in tracked_files() if path.suffix == ".py"]
+    assert any(path.name == "postprocessor.py" for path in python)
+    old = [str(path.relative_to(ROOT)) for path in python if OLD_UNION.search(path.read_text(encoding="utf-8"))]
+    assert not old, f"spell X | None and A | B, not with typing.Optional or typing.Union (README, Layout): {old}"
