@@ -82,6 +82,7 @@ class MemoryStore:
     """An LRU of at most ``size`` windows in this process, safe for threads."""
 
     def __init__(self, size: int = MEMORY_WINDOWS) -> None:
+        self.size = size
         self._lru: LRUCache[str, dict] = LRUCache(maxsize=size)
         self._lock = threading.Lock()
 

@@ -79,6 +79,11 @@ class CallLimit:
         """Slots held now (by event loops and by threads of calls not yet returned)."""
         return len(self._held)
 
+    @property
+    def waiting(self) -> int:
+        """Callers queued for a slot now, served in arrival order."""
+        return len(self._queue)
+
     async def acquire(self) -> Slot:
         """Wait for a slot without blocking the running event loop."""
         loop = asyncio.get_running_loop()

@@ -97,7 +97,7 @@ def test_limit_holds_across_loops_on_several_threads_and_serves_in_arrival_order
     for i in range(6):  # each in an event loop of its own, on a thread of its own
         threads.append(threading.Thread(target=asyncio.run, args=(one(i),)))
         threads[-1].start()
-        while len(limit._queue) < i + 1:  # wait until it is queued, so the arrival order is known
+        while limit.waiting < i + 1:  # wait until it is queued, so the arrival order is known
             threading.Event().wait(0.005)
     for slot in first:  # released from another thread than the loops waiting for them
         slot.release()
@@ -106,7 +106,7 @@ def test_limit_holds_across_loops_on_several_threads_and_serves_in_arrival_order
     holder.close()
     assert most[0] == 2 and sorted(order) == list(range(6))
     assert set(order[:2]) == {0, 1}  # the two first in line were served first
-    assert limit.in_use == 0 and not limit._queue
+    assert limit.in_use == 0 and limit.waiting == 0
 
 
 async def test_a_cancelled_waiter_does_not_leak_a_slot():
@@ -134,7 +134,7 @@ async def test_a_slot_handed_to_a_task_cancelled_meanwhile_passes_on():
     with pytest.raises(asyncio.CancelledError):
         await first
     await asyncio.wait_for(second, 1)
-    assert limit.in_use == 1 and not limit._queue
+    assert limit.in_use == 1 and limit.waiting == 0
 
 
 def test_a_slot_held_by_a_closed_event_loop_is_taken_back():
