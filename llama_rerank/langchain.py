@@ -186,7 +186,9 @@ def _logprobs(logprobs: Any) -> List[List[LogProb]] | None:
 
 class RerankOptions(TypedDict, total=False):
     """The :class:`~llama_rerank.LikelihoodRerank` options a compressor takes: every one but ``llm`` (see the
-    reranker's fields for what each does)."""
+    reranker's fields for what each does). Written out, not built from ``LikelihoodRerank.model_fields``: type
+    checkers and editors see only a TypedDict declared in the source; tests/test_langchain.py keeps the names in
+    step."""
 
     rerank_prompt: BasePromptTemplate
     top_n: int
