@@ -165,7 +165,8 @@ def run_query(
     top_n = min(top_n or reranker.top_n, reranker.top_n)
     text = None
     if answer:
-        synthesizer = get_response_synthesizer(llm=reranker._llm, response_mode="compact", text_qa_template=ANSWER_PROMPT)
+        # the reranker's LLM; None means Settings.llm here too, as for the reranker
+        synthesizer = get_response_synthesizer(llm=reranker.llm, response_mode="compact", text_qa_template=ANSWER_PROMPT)
         text = str(synthesizer.synthesize(query, result.nodes[:top_n])).strip()
     done = time.perf_counter()
     timings = {"retrieve": retrieved - started, "rerank": reranked - retrieved, "answer": done - reranked}
