@@ -21,12 +21,13 @@ from typing import Sequence
 
 from llama_index.core.prompts import BasePromptTemplate
 
-from llama_rerank.budget import Encode, passage_budget
+from llama_rerank import budget
+from llama_rerank.budget import Encode
 from llama_rerank.cache import JudgementCache, judgement_key
 from llama_rerank.concurrency import CallLimit, all_or_none, in_thread, run_blocking
 from llama_rerank.errors import LLMConfigError, RerankLLMError
 from llama_rerank.labels import LabelScale
-from llama_rerank.llm import LLMCaller, LLMReply
+from llama_rerank.llm import LLMCaller, LLMReply, Prompt
 from llama_rerank.parse import parse_labels
 from llama_rerank.prompts import answer_schema, answer_tokens, prompt_vars, render, sample_answer
 from llama_rerank.scoring import align_tokens, average_passes, label_probabilities
@@ -101,14 +102,14 @@ class Judge:
                 break
         return pending
 
-    def _render(self, query: str, window: Sequence[Candidate]) -> object:
+    def _render(self, query: str, window: Sequence[Candidate]) -> Prompt:
         return render(self.template, self.is_chat, prompt_vars(query, [c.text for c in window], self.scale))
 
     def passage_budget(self, query: str, window_size: int, context_window: int) -> int:
         """Tokens left for the passages of a window of ``window_size`` once the prompt for ``query`` (counted as
         the calls count it) and the answer are counted; a ``ValueError`` when too few are left."""
         prompt = self.caller.count(self._render(query, []))
-        return passage_budget(context_window, prompt, answer_tokens(window_size, self.scale.labels, self.encode))
+        return budget.passage_budget(context_window, prompt, answer_tokens(window_size, self.scale.labels, self.encode))
 
     def _cache_key(self, query: str, window: Sequence[Candidate]) -> str | None:
         if self.cache is None:
