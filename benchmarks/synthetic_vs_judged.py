@@ -62,9 +62,9 @@ def verdict(name: str, run_: Finished) -> str:
     first, chosen = run_.first_stage(run_.held), run_.scores(run_.chosen, run_.held)
     stats = run.held_out_stats(first, chosen, run_.settings["reranker"]["top_n"], None, seed=0)["metrics"][NDCG]
     low, high = stats["gain_ci"] or (float("nan"), float("nan"))
-    p = stats["p"]
+    p = {name: "-" if value is None else f"{value:.2f}" for name, value in stats["p"].items()}
     return (f"| {name} | {len(run_.tune)} / {len(run_.held)} | {run_.chosen.name} | {stats['first_stage']:.4f} | "
-            f"{stats['reranked']:.4f} | {stats['gain']:+.4f} [{low:+.3f}, {high:+.3f}] | {p['t']:.2f} / {p['wilcoxon']:.2f} |")  # fmt: skip
+            f"{stats['reranked']:.4f} | {stats['gain']:+.4f} [{low:+.3f}, {high:+.3f}] | {p['ttest_rel']} / {p['wilcoxon']} |")  # fmt: skip
 
 
 def main() -> None:
