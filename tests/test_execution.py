@@ -132,6 +132,8 @@ def test_a_permanent_error_stops_the_windows_not_yet_started(mode):
     async def in_a_loop_that_goes_on():
         with pytest.raises(LLMConfigError):
             await reranker.arerank("q", nodes)
+        while reranker.resources.limit.in_use:  # a call dispatched beside the failing one records its prompt on its thread
+            await asyncio.sleep(0.01)
         calls = len(llm.prompts)
         await asyncio.sleep(0.6)  # the caller's loop keeps running: windows left behind would call now
         return calls
@@ -139,6 +141,7 @@ def test_a_permanent_error_stops_the_windows_not_yet_started(mode):
     if mode == "sync":
         with pytest.raises(LLMConfigError):
             reranker.rerank("q", nodes)
+        wait_until(lambda: reranker.resources.limit.in_use == 0)  # (as above: the abandoned call's thread)
         calls = len(llm.prompts)
         time.sleep(0.6)
     else:
