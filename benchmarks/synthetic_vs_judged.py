@@ -36,11 +36,8 @@ class Finished:
         self.questions = qs.from_file(folder / "queries.jsonl")
         self.tune, self.held = sweep.split(self.questions)
         self.judged: dict[tuple[int, int], dict[str, sweep.Judged]] = defaultdict(dict)
-        for line in (folder / sweep.JUDGED_FILE).read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            key = (record.pop("k"), record.pop("window"))
-            record.pop("llm"), record.pop("query")
-            self.judged[key][record["query_id"]] = sweep.Judged(**record)
+        for _, k, window, _, judged in sweep.read_judged(folder / sweep.JUDGED_FILE):
+            self.judged[(k, window)][judged.query_id] = judged
         self.settings = json.loads((folder / "settings.json").read_text(encoding="utf-8"))
         options = self.settings["reranker"]
         self.chosen = sweep.Setting(self.settings["top_k"], options["window_size"], options["retrieval_weight"])
@@ -50,12 +47,12 @@ class Finished:
         return {pair for pair, by_query in self.judged.items() if all(q.id in by_query for q in questions)}
 
     def scores(self, setting: sweep.Setting, questions: list[qs.Question]) -> sweep.Scores:
-        return sweep.score(setting, self.judged[(setting.k, setting.window)], questions, [self.settings["reranker"]["top_n"]])
+        """``setting`` on ``questions``; the first stage (no window) reads any pair judged at its K."""
+        window = setting.window or min(w for k, w in self.pairs(questions) if k == setting.k)
+        return sweep.score(setting, self.judged[(setting.k, window)], questions, [self.settings["reranker"]["top_n"]])
 
     def first_stage(self, questions: list[qs.Question]) -> sweep.Scores:
-        k = max(k for k, _ in self.pairs(questions))
-        window = min(w for kk, w in self.pairs(questions) if kk == k)
-        return sweep.score(sweep.Setting(k, None, None), self.judged[(k, window)], questions, [self.settings["reranker"]["top_n"]])
+        return self.scores(sweep.Setting(max(k for k, _ in self.pairs(questions)), None, None), questions)
 
 
 def verdict(name: str, run_: Finished) -> str:
@@ -85,8 +82,7 @@ def main() -> None:
     common = sorted(synthetic.pairs(synthetic.tune) & judged.pairs(judged.tune))
     settings = [sweep.Setting(k, None, None) for k in sorted({k for k, _ in common})]
     settings += [sweep.Setting(k, w, weight) for k, w in common for weight in weights]
-    rows = [(s, synthetic_s.mean(NDCG), judged_s.mean(NDCG)) for s in settings
-            for synthetic_s, judged_s in [(score(synthetic, s), score(judged, s))]]  # fmt: skip
+    rows = [(s, synthetic.scores(s, synthetic.tune).mean(NDCG), judged.scores(s, judged.tune).mean(NDCG)) for s in settings]
     tau = kendalltau([r[1] for r in rows], [r[2] for r in rows])
     print(f"\n## The settings tried, on each run's tune split (nDCG@10): Kendall's tau {tau.statistic:+.2f} (p {tau.pvalue:.2f})\n")
     print("| setting | synthetic | real judgements |")
@@ -116,12 +112,6 @@ def main() -> None:
             continue
         p = [probability(x) for x in x_held]
         print(f"| {name} | {calibration.ece(p, y_held):.3f} | {sum(p) / len(p):.3f} | {share:.3f} |")
-
-
-def score(run_: Finished, setting: sweep.Setting) -> sweep.Scores:
-    if setting.weight is None:
-        return sweep.score(setting, run_.judged[max(p for p in run_.judged if p[0] == setting.k)], run_.tune, [run_.settings["reranker"]["top_n"]])
-    return run_.scores(setting, run_.tune)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from llama_rerank import pipeline, store as stores
 from llama_rerank._extras import require
 from llama_rerank.errors import LlamaRerankError
+from llama_rerank.eval.datasets import resolve
 from llama_rerank.eval.metrics import MRR, NDCG, paired_tests, recall_key
 from llama_rerank.eval.run import portable
 from llama_rerank.providers import model_identity
@@ -75,8 +76,6 @@ def _index(out: Path, docs: Path | None, store: str | None, collection: str, emb
         if store is None:
             raise LlamaRerankError("give a folder of documents to tune on, or an existing store with --store (and --collection)")
         return str(store), collection
-    from llama_rerank.eval.datasets import resolve
-
     docs = resolve(docs)
     location = str(store or out / "index")
     if _is_dataset(docs):
@@ -126,8 +125,6 @@ def plan(
                 questions, dropped = qs.synthetic(writer, passages, n_queries, bar.update, lambda: clock() > questions_until)
         source = f"synthetic: one question per sampled passage, written by {writer.model}"
     else:
-        from llama_rerank.eval.datasets import resolve
-
         path = resolve(queries)
         if path.is_dir():
             questions, source = qs.from_dataset(path), f"the judged queries of {path.name}"

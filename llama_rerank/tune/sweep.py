@@ -22,7 +22,7 @@ import json
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from llama_index.core.llms import LLM
 from llama_index.core.schema import NodeWithScore
@@ -134,6 +134,19 @@ def choose_n(chosen: Scores, top_ns: Sequence[int]) -> int:
     return next(n for n in ns if chosen.mean(recall_key(n)) >= best - RECALL_SLACK)
 
 
+def read_judged(path: Path) -> Iterator[tuple[str, int, int, str, Judged]]:
+    """(LLM key, K, window, question text, record) for each judged question recorded in ``path`` (none if absent); a
+    torn last line is skipped: that question is judged again (its windows come from the cache)."""
+    if not path.exists():
+        return
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            yield record.pop("llm"), record.pop("k"), record.pop("window"), record.pop("query"), Judged(**record)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+
+
 class Judging:
     """Judges questions under a (K, window), resuming from ``judged.jsonl`` and the pair's judgement cache."""
 
@@ -141,17 +154,8 @@ class Judging:
         self.folder, self.llm, self.options = folder, llm, options
         self.model = llm_key(llm)
         self.path = folder / JUDGED_FILE
-        self.done: dict[tuple[int, int, str, str], Judged] = {}
+        self.done = {(k, window, query, judged.query_id): judged for llm, k, window, query, judged in read_judged(self.path) if llm == self.model}
         self._lock = threading.Lock()  # records arrive on the batch's threads
-        if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                    if record.pop("llm") == self.model:
-                        key = (record.pop("k"), record.pop("window"), record.pop("query"), record["query_id"])
-                        self.done[key] = Judged(**record)
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a torn last line: that question is judged again (its windows come from the cache)
 
     def reranker(self, k: int, window: int) -> LikelihoodRerank:
         cache = self.folder / JUDGEMENTS_FILE  # one for every pair: K=20's first window is K=10's window
